@@ -1,0 +1,348 @@
+"""Typed params: one pydantic model per params.yaml section, validated before any work starts.
+
+Option names follow kohya-ss/sd-scripts and EveryDream2. Where the two disagree, the field carries one
+name and accepts the other as an alias (`learning_rate` / `lr`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ParamsError
+
+
+class Section(BaseModel):
+    """A params.yaml section: unknown keys are errors, and every field's docstring is its help text."""
+
+    SECTION: ClassVar[str] = ""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        use_attribute_docstrings=True,
+        populate_by_name=True,
+        validate_default=True,
+        frozen=True,
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_per_field(cls, data: Any) -> Any:
+        # pydantic silently takes the first alias it finds; a user who wrote both `lr` and
+        # `learning_rate` should hear that one of them is being ignored.
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                given = [key for key in field_names(name, field) if key in data]
+                if len(given) > 1:
+                    raise ParamsError(
+                        f"{cls.SECTION}.{given[1]}: same setting as {cls.SECTION}.{given[0]}; keep one"
+                    )
+        return data
+
+
+def field_names(name: str, field: Any) -> list[str]:
+    """The field's name and its aliases, the name first."""
+    names = [name]
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        names += [choice for choice in alias.choices if isinstance(choice, str) and choice != name]
+    elif isinstance(alias, str) and alias != name:
+        names.append(alias)
+    return names
+
+
+def _aliases(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class ModelParams(Section):
+    SECTION: ClassVar[str] = "model"
+
+    base: str = "tiny-sd15"
+    """The base model: a diffusers folder, a single .safetensors/.ckpt file, a hub id (used only when it
+    is already cached or reachable), or a built-in random preset (`tiny-sd15`, `tiny-sdxl`)."""
+
+    @field_validator("base")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a model folder, file, hub id or preset (tiny-sd15, tiny-sdxl)")
+        return value
+
+
+IMAGE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"]
+
+
+class ScanParams(Section):
+    SECTION: ClassVar[str] = "scan"
+
+    require_repeats_prefix: bool = True
+    """Concept folders must be named `<repeats>_<class tokens>` (kohya's convention). When true, a folder
+    without the numeric prefix is skipped with a warning, as kohya does; when false it is taken with
+    repeats 1 and its whole name as the class tokens."""
+
+    recursive: bool = False
+    """Also take images from sub-folders of each concept folder (kohya's `recursive`)."""
+
+    caption_extensions: list[str] = Field(
+        default_factory=lambda: [".txt", ".caption"],
+        validation_alias=_aliases("caption_extensions", "caption_extension"),
+    )
+    """Caption sidecar extensions, tried in this order; the first line of the first one found is the
+    caption. kohya's `caption_extension` is accepted as an alias and may be a single string."""
+
+    caption_from_filename: bool = False
+    """When no sidecar or yaml caption exists, use the file name's text before the first `_` as the
+    caption (EveryDream2's filename captions) before falling back to the class tokens."""
+
+    image_extensions: list[str] = Field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+    """File extensions taken as images; other files are ignored (sidecars are read, not scanned)."""
+
+    min_side: int = Field(256, ge=1)
+    """Reject images whose shorter side (after EXIF orientation) is below this many pixels."""
+
+    max_pixels: int = Field(178_956_970, ge=1)
+    """Reject images with more pixels than this before decoding them: the decompression-bomb guard
+    (Pillow's own hard limit by default)."""
+
+    mask_suffix: str = "-masklabel"
+    """A mask next to an image is `<stem><mask_suffix>.png` (EveryDream2's convention)."""
+
+    masks_dir: str | None = None
+    """Optional folder, relative to the data root, that mirrors train/ and reg/ with one `<stem>.png`
+    mask per image. Consulted when no mask sits next to the image."""
+
+    workers: int = Field(0, ge=0)
+    """Processes that decode and hash images; 0 uses every core."""
+
+    @field_validator("caption_extensions", "image_extensions", mode="before")
+    @classmethod
+    def _extension_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [ext if str(ext).startswith(".") else f".{ext}" for ext in value]
+        return value
+
+    @field_validator("caption_extensions", "image_extensions")
+    @classmethod
+    def _not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one extension")
+        return [ext.lower() for ext in value]
+
+
+def _resolution(value: Any) -> Any:
+    """512, "512", "768,512" or [768, 512] -> (width, height), as kohya's --resolution."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.replace("x", ",").split(",")]
+        if not all(part.isdigit() for part in parts) or len(parts) not in (1, 2):
+            raise ValueError(f"must be one number or W,H (got {value!r})")
+        numbers = [int(part) for part in parts]
+        return (numbers[0], numbers[-1])
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        return (value[0], value[0])
+    return value
+
+
+class BucketParams(Section):
+    SECTION: ClassVar[str] = "bucket"
+
+    resolution: tuple[int, int] = (512, 512)
+    """Training resolution: one number or W,H. Its area is the area of every bucket (kohya)."""
+
+    min_bucket_reso: int = Field(256, ge=1)
+    """Smallest bucket side in pixels (kohya)."""
+
+    max_bucket_reso: int = Field(1024, ge=1)
+    """Largest bucket side in pixels (kohya)."""
+
+    bucket_reso_steps: int = Field(64, ge=1)
+    """Bucket sides are multiples of this; 64 is safe for every SD family (kohya)."""
+
+    bucket_no_upscale: bool = False
+    """Never upscale: an image is only scaled down to at most the resolution's area, keeping its aspect
+    ratio, each side floored to `bucket_reso_steps` (kohya)."""
+
+    interpolation: Literal["lanczos", "area", "bicubic"] = "lanczos"
+    """Resampling filter used to resize an image to cover its bucket."""
+
+    random_crop: bool = False
+    """Crop the overflow at a random offset instead of the centre. The offset is drawn once, here, from
+    `seed` and the image_id, so the cached latent stays valid."""
+
+    seed: int = 42
+    """Seed for random crops."""
+
+    max_aspect_error: float = Field(0.25, ge=0)
+    """Warn about images whose aspect ratio differs from their bucket's by more than this fraction."""
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _parse_resolution(cls, value: Any) -> Any:
+        return _resolution(value)
+
+    @field_validator("resolution")
+    @classmethod
+    def _positive_resolution(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 1:
+            raise ValueError(f"sides must be positive (got {value[0]},{value[1]})")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BucketParams:
+        step = self.bucket_reso_steps
+        if self.min_bucket_reso > self.max_bucket_reso:
+            raise ParamsError(
+                f"bucket.min_bucket_reso: must be ≤ bucket.max_bucket_reso "
+                f"(got {self.min_bucket_reso} > {self.max_bucket_reso})"
+            )
+        for key in ("min_bucket_reso", "max_bucket_reso"):
+            if getattr(self, key) % step:
+                raise ParamsError(
+                    f"bucket.{key}: must be a multiple of bucket.bucket_reso_steps={step} "
+                    f"(got {getattr(self, key)})"
+                )
+        side = int((self.resolution[0] * self.resolution[1]) ** 0.5)
+        if not self.min_bucket_reso <= side <= self.max_bucket_reso:
+            raise ParamsError(
+                f"bucket.resolution: its square side ({side}) must lie in "
+                f"[bucket.min_bucket_reso={self.min_bucket_reso}, bucket.max_bucket_reso={self.max_bucket_reso}]"
+            )
+        return self
+
+
+class TrainParams(Section):
+    SECTION: ClassVar[str] = "train"
+
+    learning_rate: float = Field(1e-4, gt=0, validation_alias=_aliases("learning_rate", "lr"))
+    """Peak learning rate (kohya `learning_rate`; EveryDream2's `lr` is accepted as an alias)."""
+
+    batch_size: int = Field(1, ge=1, validation_alias=_aliases("batch_size", "train_batch_size"))
+    """Images per optimizer micro-step; every batch comes from one bucket (kohya `train_batch_size`)."""
+
+    seed: int = 42
+    """Seed for noise, timesteps and the epoch order."""
+
+
+class Params(BaseModel):
+    """All of params.yaml. A missing section takes its defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelParams = Field(default_factory=ModelParams)
+    scan: ScanParams = Field(default_factory=ScanParams)
+    bucket: BucketParams = Field(default_factory=BucketParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+
+
+def sections() -> dict[str, type[Section]]:
+    return {name: field.annotation for name, field in Params.model_fields.items()}
+
+
+def _valid_keys(section: str) -> list[str]:
+    model = sections()[section]
+    return [key for name, field in model.model_fields.items() for key in field_names(name, field)]
+
+
+def _suggestion(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(choices)}"
+
+
+def _format_error(error: dict[str, Any], source: str) -> str:
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        if len(loc) == 1:
+            return f"{source}: unknown section '{loc[0]}'{_suggestion(loc[0], list(sections()))}"
+        section, name = loc[0], loc[-1]
+        return f"{source}: {key}: unknown key in section '{section}'{_suggestion(name, _valid_keys(section))}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "model_type" or error["type"] == "dict_type":
+        return f"{source}: {key}: must be a mapping of keys to values (got {error['input']!r})"
+    return f"{source}: {key}: {message} (got {error['input']!r})"
+
+
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 0.0001). The value is read as YAML, as `dvc exp run -S` does."""
+    key, sep, value = override.partition("=")
+    path = [part.strip() for part in key.split(".")]
+    if not sep or len(path) < 2 or not all(path):
+        raise ParamsError(f"--set {override}: expected section.key=value, for example --set train.lr=1e-4")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"--set {override}: value is not valid YAML ({exc.__class__.__name__})") from exc
+    return path, parsed
+
+
+def _apply_override(raw: dict[str, Any], path: list[str], value: Any, override: str) -> None:
+    node = raw
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ParamsError(f"--set {override}: '{part}' is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def validate_params(raw: Any, source: str = "params.yaml", overridden: Sequence[str] = ()) -> Params:
+    """Validate a parsed params mapping; raise ParamsError with one line per problem."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: must be a mapping of sections (got {type(raw).__name__})")
+    try:
+        return Params.model_validate(raw)
+    except ParamsError as exc:
+        # Raised by a cross-field check; its message already names the keys.
+        raise ParamsError(f"{source}: {exc}") from None
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"])
+            origin = "--set" if key in overridden else source
+            lines.append(_format_error(error, origin))
+        raise ParamsError("\n".join(lines)) from None
+
+
+def load_params(path: Path | str = "params.yaml", overrides: Sequence[str] = ()) -> Params:
+    """Read params.yaml, apply `--set section.key=value` overrides, and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found (run from the project root, or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: must be a mapping of sections (got {type(raw).__name__})")
+    overridden = []
+    for override in overrides:
+        key_path, value = parse_override(override)
+        _apply_override(raw, key_path, value, override)
+        overridden.append(".".join(key_path))
+    return validate_params(raw, source=str(path), overridden=overridden)
+
+
+def explain() -> Iterator[str]:
+    """Lines documenting every section and field: name, type, default, aliases and docstring."""
+    for section, model in sections().items():
+        yield f"[{section}]"
+        for name, field in model.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            aliases = field_names(name, field)[1:]
+            alias_text = f" (alias: {', '.join(aliases)})" if aliases else ""
+            annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
+            yield f"  {section}.{name}: {annotation} = {default!r}{alias_text}"
+            for line in (field.description or "").split("\n"):
+                yield f"      {line.strip()}"
+        yield ""

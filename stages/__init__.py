@@ -1,0 +1,1 @@
+"""Kiln's command line: one thin Typer module per stage, each calling its pipeline/ function."""

@@ -1,0 +1,24 @@
+"""The `kiln` command: one sub-command per stage, in pipeline order."""
+
+from __future__ import annotations
+
+import typer
+
+from stages import bucket, demo_data, params, scan
+
+app = typer.Typer(
+    name="kiln",
+    help="Kiln: a cached, incremental Stable Diffusion fine-tuning pipeline. "
+    "Each stage reads and writes the files dvc.yaml declares; `dvc repro` runs the graph.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+app.command("demo-data")(demo_data.main)
+app.command("scan")(scan.main)
+app.command("bucket")(bucket.main)
+app.command("params")(params.main)
+
+
+if __name__ == "__main__":
+    app()

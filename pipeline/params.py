@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ParamsError
 
@@ -285,6 +293,14 @@ def parse_override(override: str) -> tuple[list[str], Any]:
 
 
 def _apply_override(raw: dict[str, Any], path: list[str], value: Any, override: str) -> None:
+    section = raw.get(path[0])
+    if len(path) == 2 and path[0] in sections() and isinstance(section, dict):
+        # `--set train.lr=...` replaces the file's `learning_rate`: an override wins over any spelling.
+        for name, field in sections()[path[0]].model_fields.items():
+            spellings = field_names(name, field)
+            if path[1] in spellings:
+                for spelling in spellings:
+                    section.pop(spelling, None)
     node = raw
     for part in path[:-1]:
         child = node.setdefault(part, {})

@@ -556,7 +556,7 @@ def scan(data_root: Path, cfg: ScanParams, probe_cache: dict[str, dict[str, Any]
         else:
             to_probe.append(candidate)
     reused = len(probes)
-    for candidate, probe in zip(to_probe, _probe_all([str(c.path) for c in to_probe], cfg)):
+    for candidate, probe in zip(to_probe, _probe_all([str(c.path) for c in to_probe], cfg), strict=True):
         probes[candidate.rel] = probe
 
     new_cache = []

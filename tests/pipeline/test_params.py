@@ -3,9 +3,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from pipeline.errors import ParamsError
-from pipeline.params import BucketParams, Params, explain, load_params, parse_override, sections, validate_params
+from pipeline.params import (
+    BucketParams,
+    Params,
+    explain,
+    load_params,
+    parse_override,
+    sections,
+    validate_params,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,7 +128,7 @@ def test_every_field_has_a_docstring_and_explain_prints_it():
 
 def test_params_are_frozen():
     params = Params()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen_instance"):
         params.bucket.seed = 1
 
 
@@ -144,7 +153,7 @@ def test_every_readme_params_example_validates():
     yaml_blocks = readme_blocks("yaml")
     assert len(overrides) >= 4 and len(yaml_blocks) >= 2
     for override in overrides:
-        load_params(ROOT / "params.yaml", [override])
+        load_params(ROOT / "params.yaml", [override.strip("'\"")])
     for block in yaml_blocks:
         validate_params(yaml.safe_load(block), source="README.md")
 

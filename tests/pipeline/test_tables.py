@@ -1,0 +1,33 @@
+import json
+
+import pyarrow as pa
+import pytest
+
+from pipeline.tables import read_table, write_json, write_table
+
+SCHEMA = pa.schema([("image_id", pa.string()), ("width", pa.int32()), ("tags", pa.list_(pa.string()))])
+ROWS = [{"image_id": "a", "width": 3, "tags": ["x"]}, {"image_id": "b", "width": 4, "tags": []}]
+
+
+def test_same_rows_same_bytes(tmp_path):
+    write_table(ROWS, SCHEMA, tmp_path / "one.parquet")
+    write_table([dict(row) for row in ROWS], SCHEMA, tmp_path / "two.parquet")
+    assert (tmp_path / "one.parquet").read_bytes() == (tmp_path / "two.parquet").read_bytes()
+    assert read_table(tmp_path / "one.parquet") == ROWS
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "t.parquet"
+    write_table(ROWS, SCHEMA, path)
+    before = path.read_bytes()
+    with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
+        write_table([{"image_id": "c", "width": "not a number", "tags": []}], SCHEMA, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
+
+
+def test_json_is_sorted_and_stable(tmp_path):
+    write_json({"b": 1, "a": {"d": 2, "c": 3}}, tmp_path / "s.json")
+    text = (tmp_path / "s.json").read_text()
+    assert text == '{\n  "a": {\n    "c": 3,\n    "d": 2\n  },\n  "b": 1\n}\n'
+    assert json.loads(text)["a"]["c"] == 3

@@ -1,0 +1,87 @@
+"""The `kiln` command as users run it, through Typer's CliRunner."""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.tables import read_table
+from stages.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+STAGES = ["demo-data", "scan", "bucket", "params"]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def test_help_lists_every_stage():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for stage in STAGES:
+        assert stage in result.output
+
+
+@pytest.mark.parametrize("stage", ["scan", "bucket", "params"])
+def test_stage_help_documents_params_and_set(stage):
+    result = runner.invoke(app, [stage, "--help"])
+    assert result.exit_code == 0
+    output = plain(result.output)
+    assert "--params" in output and "--set" in output
+
+
+def test_demo_scan_bucket_through_the_cli(project):
+    assert runner.invoke(app, ["demo-data"]).exit_code == 0
+    scan = runner.invoke(app, ["scan"])
+    assert scan.exit_code == 0, scan.output
+    assert "scan: 22 images, 0 rejected" in plain(scan.output)
+    bucket = runner.invoke(app, ["bucket", "--set", "bucket.resolution=768"])
+    assert bucket.exit_code == 0, bucket.output
+    rows = read_table(project / "data/bucket/buckets.parquet")
+    assert len(rows) == 22
+    # At 768 the square bucket is 768x768: the override reached the stage.
+    assert any(row["bucket"] == "768x768" for row in rows)
+
+
+def test_misspelt_set_key_fails_before_work_with_one_line_and_no_traceback(project):
+    runner.invoke(app, ["demo-data"])
+    result = runner.invoke(app, ["scan", "--set", "scan.min_sid=10"])
+    assert result.exit_code == 2
+    output = plain(result.output)
+    assert "error: --set: scan.min_sid: unknown key in section 'scan'; did you mean 'min_side'?" in output
+    assert "Traceback" not in output
+    assert not (project / "data/scan").exists()
+
+
+def test_bad_value_in_params_file(project):
+    (project / "params.yaml").write_text("bucket:\n  bucket_reso_steps: -64\n")
+    result = runner.invoke(app, ["bucket"])
+    assert result.exit_code == 2
+    assert "bucket.bucket_reso_steps: Input should be greater than or equal to 1 (got -64)" in plain(result.output)
+
+
+def test_bucket_before_scan_says_what_to_run(project):
+    result = runner.invoke(app, ["bucket"])
+    assert result.exit_code == 2
+    assert "run `kiln scan` first" in plain(result.output)
+
+
+def test_params_explain_and_resolved(project):
+    explain = runner.invoke(app, ["params", "--explain"])
+    assert explain.exit_code == 0
+    assert "bucket.bucket_no_upscale: bool = False" in explain.output
+    assert "train.learning_rate: float = 0.0001 (alias: lr)" in explain.output
+    resolved = runner.invoke(app, ["params", "--set", "train.lr=3e-5"])
+    assert resolved.exit_code == 0
+    assert "learning_rate: 3.0e-05" in resolved.output

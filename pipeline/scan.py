@@ -13,8 +13,10 @@ import io
 import logging
 import os
 import re
+import time
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 SUBSETS = ("train", "reg")
 # Bump when the probe's fields or their meaning change: old cache rows are then ignored.
 PROBE_VERSION = 1
+# While decoding, the probe cache is saved this often, so a killed scan loses at most this much work.
+CHECKPOINT_SECONDS = 30.0
 # Below this many files to decode, a process pool costs more to start than it saves.
 MIN_FILES_FOR_POOL = 32
 EXIF_ORIENTATION = 0x0112
@@ -282,23 +286,21 @@ def probe_image(path: str, max_pixels: int) -> dict[str, Any]:
     return probe
 
 
-def _probe_all(paths: list[str], cfg: ScanParams) -> list[dict[str, Any]]:
+def _iter_probes(paths: list[str], cfg: ScanParams) -> Iterator[dict[str, Any]]:
+    """Probe each path, in order, in a process pool over all cores (or in this process)."""
     workers = cfg.workers or os.cpu_count() or 1
-    progress = tqdm(total=len(paths), desc="scan: decoding", unit="img", disable=None)
-    results: list[dict[str, Any]] = []
-    with progress:
+    with tqdm(total=len(paths), desc="scan: decoding", unit="img", disable=None) as progress:
         if workers == 1 or len(paths) < MIN_FILES_FOR_POOL:
             for path in paths:
-                results.append(probe_image(path, cfg.max_pixels))
+                yield probe_image(path, cfg.max_pixels)
                 progress.update()
-            return results
+            return
         # Small chunks keep the progress bar live; large ones amortise the inter-process traffic.
         chunksize = max(1, min(16, len(paths) // (workers * 8)))
         with ProcessPoolExecutor(max_workers=workers) as pool:
             for probe in pool.map(probe_image, paths, [cfg.max_pixels] * len(paths), chunksize=chunksize):
-                results.append(probe)
+                yield probe
                 progress.update()
-    return results
 
 
 def _load_probe_cache(path: Path) -> dict[str, dict[str, Any]]:
@@ -529,8 +531,18 @@ def _summary(images: list[dict[str, Any]], rejected: list[dict[str, Any]]) -> di
     }
 
 
-def scan(data_root: Path, cfg: ScanParams, probe_cache: dict[str, dict[str, Any]] | None = None) -> tuple[ScanResult, list[dict[str, Any]]]:
-    """Scan a data root; return the result and the new probe-cache rows. Writes nothing."""
+def scan(
+    data_root: Path,
+    cfg: ScanParams,
+    probe_cache: dict[str, dict[str, Any]] | None = None,
+    save_probes: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> tuple[ScanResult, list[dict[str, Any]]]:
+    """Scan a data root; return the result and the new probe-cache rows.
+
+    Writes nothing itself. save_probes, when given, receives the probe-cache rows every
+    CHECKPOINT_SECONDS while decoding and once more if the scan is interrupted or fails, so a killed
+    scan of a large tree resumes where it stopped.
+    """
     result_warnings: list[str] = []
     candidates, rejected = discover(data_root, cfg, result_warnings)
     probe_cache = probe_cache or {}
@@ -556,15 +568,27 @@ def scan(data_root: Path, cfg: ScanParams, probe_cache: dict[str, dict[str, Any]
         else:
             to_probe.append(candidate)
     reused = len(probes)
-    for candidate, probe in zip(to_probe, _probe_all([str(c.path) for c in to_probe], cfg), strict=True):
-        probes[candidate.rel] = probe
 
-    new_cache = []
-    for rel, probe in sorted(probes.items()):
-        if probe.get("reason") in UNCACHED_REASONS:
-            continue
-        stat = stats[rel]
-        new_cache.append({**probe, "path": rel, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "probe_version": PROBE_VERSION})
+    def cache_rows() -> list[dict[str, Any]]:
+        return [
+            {**probe, "path": rel, "size": stats[rel].st_size, "mtime_ns": stats[rel].st_mtime_ns, "probe_version": PROBE_VERSION}
+            for rel, probe in sorted(probes.items())
+            if probe.get("reason") not in UNCACHED_REASONS
+        ]
+
+    last_save = time.monotonic()
+    try:
+        for candidate, probe in zip(to_probe, _iter_probes([str(c.path) for c in to_probe], cfg), strict=True):
+            probes[candidate.rel] = probe
+            if save_probes and time.monotonic() - last_save > CHECKPOINT_SECONDS:
+                save_probes(cache_rows())
+                last_save = time.monotonic()
+    except BaseException:
+        # Interrupted (Ctrl-C, a kill, a full disk): keep every image decoded so far.
+        if save_probes:
+            save_probes(cache_rows())
+        raise
+    new_cache = cache_rows()
 
     reader = MetadataReader(data_root, result_warnings)
     images: list[dict[str, Any]] = []
@@ -603,7 +627,10 @@ def scan(data_root: Path, cfg: ScanParams, probe_cache: dict[str, dict[str, Any]
 
 def run(cfg: ScanParams, paths: ScanPaths) -> ScanResult:
     """Scan paths.data_root and write images.parquet, rejected.parquet, summary.json and the probe cache."""
-    result, new_cache = scan(paths.data_root, cfg, _load_probe_cache(paths.probe_cache))
+    def save_probes(rows: list[dict[str, Any]]) -> None:
+        write_table(rows, PROBE_SCHEMA, paths.probe_cache)
+
+    result, new_cache = scan(paths.data_root, cfg, _load_probe_cache(paths.probe_cache), save_probes)
     write_table(result.images, IMAGES_SCHEMA, paths.images)
     write_table(result.rejected, REJECTED_SCHEMA, paths.rejected)
     write_json(result.summary, paths.summary)

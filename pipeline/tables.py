@@ -17,6 +17,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import KilnError
+
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,6 +28,9 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        # pyarrow's I/O errors rarely carry the file name; a user with a full disk needs it.
+        raise KilnError(f"{path}: could not write ({exc}); the previous version, if any, is kept") from exc
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -56,6 +56,11 @@ def user_errors(command: F) -> F:
             for line in str(exc).splitlines():
                 err_console.print(f"[bold red]error:[/] {line}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as exc:
+            # A full disk or a permission problem: name the file; atomic writes kept the old outputs.
+            where = f"{exc.filename}: " if exc.filename else ""
+            err_console.print(f"[bold red]error:[/] {where}{exc.strerror or exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]: finished outputs were kept; rerun to continue")
             raise typer.Exit(130) from None

@@ -367,3 +367,28 @@ def test_probe_reads_bytes_not_names(tmp_path):
     probe = probe_image(str(path), max_pixels=10**8)
     assert (probe["format"], probe["width"], probe["height"], probe["reason"]) == ("PNG", 100, 80, None)
     assert probe["image_id"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_interrupted_scan_keeps_decoded_images_and_resumes(demo_root, tmp_path, monkeypatch):
+    import pipeline.scan as scan_module
+
+    paths = ScanPaths(demo_root, tmp_path / "out")
+    real_probe = scan_module.probe_image
+    calls = []
+
+    def killed_after_five(path, max_pixels):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(path)
+        return real_probe(path, max_pixels)
+
+    monkeypatch.setattr(scan_module, "probe_image", killed_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        run(ScanParams(workers=1), paths)
+    assert not paths.images.exists()
+    assert len(read_table(paths.probe_cache)) == 5
+    monkeypatch.setattr(scan_module, "probe_image", real_probe)
+    resumed = run(ScanParams(workers=1), paths)
+    assert (resumed.probed, resumed.reused) == (17, 5)
+    assert len(read_table(paths.images)) == 22
+

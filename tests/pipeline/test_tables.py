@@ -31,3 +31,18 @@ def test_json_is_sorted_and_stable(tmp_path):
     text = (tmp_path / "s.json").read_text()
     assert text == '{\n  "a": {\n    "c": 3,\n    "d": 2\n  },\n  "b": 1\n}\n'
     assert json.loads(text)["a"]["c"] == 3
+
+
+def test_io_error_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from pipeline.errors import KilnError
+    from pipeline.tables import pq
+
+    def full_disk(table, where, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full_disk)
+    with pytest.raises(KilnError, match=r"t.parquet: could not write \(\[Errno 28\] No space left on device\)"):
+        write_table(ROWS, SCHEMA, tmp_path / "t.parquet")
+    assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,8 @@
 
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,32 @@ def test_params_explain_and_resolved(project):
     resolved = runner.invoke(app, ["params", "--set", "train.lr=3e-5"])
     assert resolved.exit_code == 0
     assert "learning_rate: 3.0e-05" in resolved.output
+
+
+def test_python_dash_m_runs_the_stage(demo_root, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("scan:\n  workers: 1\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.scan", "--params", str(params), "--data-root", str(demo_root), "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(read_table(tmp_path / "o/images.parquet")) == 22
+
+
+def test_disk_error_names_the_file_without_traceback(project, monkeypatch):
+    import errno
+
+    import pipeline.tables as tables
+
+    runner.invoke(app, ["demo-data"])
+
+    def full_disk(table, where, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tables.pq, "write_table", full_disk)
+    result = runner.invoke(app, ["scan"])
+    assert result.exit_code == 2
+    output = plain(result.output)
+    assert "error: data/scan/images.parquet: could not write ([Errno 28] No space left on device)" in output
+    assert "Traceback" not in output

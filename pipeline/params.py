@@ -7,9 +7,10 @@ name and accepts the other as an alias (`learning_rate` / `lr`).
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -227,6 +228,136 @@ class BucketParams(Section):
         return self
 
 
+class InferenceParams(Section):
+    """Settings shared by the stages that run a model over every image (caption, tag)."""
+
+    batch_size: int = Field(8, ge=1)
+    """Images per model call. A batch that fails is retried image by image."""
+
+    device: str = "auto"
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Model precision; `auto` is float16 on CUDA and float32 on CPU."""
+
+    workers: int = Field(0, ge=0)
+    """Threads that decode images while the model runs; 0 uses every core."""
+
+    trust_remote_code: bool = False
+    """Allow a hub model to run its own Python code. Off unless you trust the model's author."""
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+
+class Replacement(BaseModel):
+    """One regex replacement applied to every caption, in list order."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    pattern: str
+    """A Python regular expression."""
+
+    replace: str = ""
+    """What each match becomes; `\\1` refers to a group."""
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+class CaptionParams(InferenceParams):
+    SECTION: ClassVar[str] = "caption"
+
+    model: str = "Salesforce/blip-image-captioning-large"
+    """The captioner: a local folder, a hub id, or the built-in random preset `tiny-blip`. Any
+    transformers image-to-text model (BLIP, BLIP-2, GIT ...) loaded with AutoProcessor."""
+
+    mode: Literal["missing", "overwrite", "append", "prepend"] = "missing"
+    """`missing`: caption only images without a sidecar or yaml caption; `overwrite`: replace every
+    caption; `append` / `prepend`: add the model's caption after / before the existing one."""
+
+    prompt: str | None = None
+    """Conditional text the caption continues (BLIP's conditional captioning), e.g. `a photo of`."""
+
+    max_new_tokens: int = Field(75, ge=1)
+    """Longest caption, in tokens (kohya's make_captions `max_length`)."""
+
+    num_beams: int = Field(1, ge=1)
+    """Beam search width; 1 is greedy decoding."""
+
+    separator: str = ", "
+    """Joins the existing and the model's caption in append / prepend mode."""
+
+    lowercase: bool = False
+    """Lower-case every caption."""
+
+    replacements: list[Replacement] = Field(default_factory=list)
+    """Regex replacements applied to every caption, in order: a list of {pattern, replace}."""
+
+    dedupe_phrases: bool = True
+    """Drop repeated comma-separated phrases, keeping the first."""
+
+
+class TagParams(InferenceParams):
+    SECTION: ClassVar[str] = "tag"
+
+    backend: Literal["wd14", "clip"] = "wd14"
+    """`wd14`: an ONNX WD14-style tagger (model.onnx + selected_tags.csv); `clip`: zero-shot CLIP
+    scoring of a vocabulary file."""
+
+    model: str = "SmilingWolf/wd-v1-4-convnext-tagger-v2"
+    """The tagger: a local folder, a hub id, or a built-in random preset (`tiny-wd14`, `tiny-clip`)."""
+
+    general_threshold: float = Field(0.35, ge=0, le=1)
+    """WD14: keep general tags (category 0) scoring at least this (kohya `general_threshold`)."""
+
+    character_threshold: float = Field(0.85, ge=0, le=1)
+    """WD14: keep character tags (category 4) scoring at least this (kohya `character_threshold`)."""
+
+    include_ratings: bool = False
+    """WD14: also keep the best rating tag (category 9)."""
+
+    underscores_to_spaces: bool = Field(True, validation_alias=_aliases("underscores_to_spaces", "remove_underscore"))
+    """Write `long_hair` as `long hair` (kohya `remove_underscore`)."""
+
+    character_tags_first: bool = False
+    """Put character tags before general tags (kohya `character_tags_first`)."""
+
+    max_tags: int | None = Field(None, ge=1)
+    """Keep at most this many tags per image, highest scores first."""
+
+    blacklist: list[str] = Field(default_factory=list, validation_alias=_aliases("blacklist", "undesired_tags"))
+    """Tags never written (kohya `undesired_tags`), matched after underscore replacement."""
+
+    replacements: dict[str, str] = Field(default_factory=dict, validation_alias=_aliases("replacements", "tag_replacement"))
+    """Rename tags: {from: to}, matched after underscore replacement (kohya `tag_replacement`)."""
+
+    vocabulary: str | None = None
+    """CLIP: a text file with one candidate tag per line."""
+
+    clip_threshold: float = Field(0.25, ge=-1, le=1)
+    """CLIP: keep tags whose image-text cosine similarity is at least this."""
+
+    top_k: int | None = Field(None, ge=1)
+    """CLIP: keep only the k best-scoring tags (after the threshold)."""
+
+    @model_validator(mode="after")
+    def _clip_needs_vocabulary(self) -> TagParams:
+        if self.backend == "clip" and not self.vocabulary:
+            raise ParamsError("tag.vocabulary: the clip backend needs a vocabulary file (one tag per line)")
+        return self
+
+
 class TrainParams(Section):
     SECTION: ClassVar[str] = "train"
 
@@ -247,6 +378,8 @@ class Params(BaseModel):
 
     model: ModelParams = Field(default_factory=ModelParams)
     scan: ScanParams = Field(default_factory=ScanParams)
+    caption: CaptionParams = Field(default_factory=CaptionParams)
+    tag: TagParams = Field(default_factory=TagParams)
     bucket: BucketParams = Field(default_factory=BucketParams)
     train: TrainParams = Field(default_factory=TrainParams)
 
@@ -349,6 +482,14 @@ def load_params(path: Path | str = "params.yaml", overrides: Sequence[str] = ())
     return validate_params(raw, source=str(path), overridden=overridden)
 
 
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return " | ".join(str(arg) for arg in get_args(annotation))
+    if isinstance(annotation, type) and not get_args(annotation):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "").replace("pipeline.params.", "")
+
+
 def explain() -> Iterator[str]:
     """Lines documenting every section and field: name, type, default, aliases and docstring."""
     for section, model in sections().items():
@@ -357,7 +498,7 @@ def explain() -> Iterator[str]:
             default = field.get_default(call_default_factory=True)
             aliases = field_names(name, field)[1:]
             alias_text = f" (alias: {', '.join(aliases)})" if aliases else ""
-            annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
+            annotation = _type_name(field.annotation)
             yield f"  {section}.{name}: {annotation} = {default!r}{alias_text}"
             for line in (field.description or "").split("\n"):
                 yield f"      {line.strip()}"

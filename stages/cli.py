@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import bucket, demo_data, params, scan
+from stages import bucket, caption, demo_data, params, scan, tag
 
 app = typer.Typer(
     name="kiln",
@@ -16,6 +16,8 @@ app = typer.Typer(
 )
 app.command("demo-data")(demo_data.main)
 app.command("scan")(scan.main)
+app.command("caption")(caption.main)
+app.command("tag")(tag.main)
 app.command("bucket")(bucket.main)
 app.command("params")(params.main)
 

@@ -5,12 +5,19 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from pipeline.demo_data import write_demo_data
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests never touch the network or the user's ~/.cache: presets are built into a per-run folder.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("KILN_CACHE", tempfile.mkdtemp(prefix="kiln-test-cache-"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -23,7 +23,7 @@ def dvc(project: Path, *args: str) -> str:
 
 
 def ran(output: str) -> set[str]:
-    return {stage for stage in ("scan", "bucket") if f"Running stage '{stage}'" in output}
+    return {stage for stage in ("scan", "caption", "tag", "bucket") if f"Running stage '{stage}'" in output}
 
 
 @pytest.fixture
@@ -42,8 +42,10 @@ def project(tmp_path: Path) -> Path:
 
 
 def test_repro_reruns_only_what_changed(project: Path):
-    assert ran(dvc(project, "repro")) == {"scan", "bucket"}
+    assert ran(dvc(project, "repro")) == {"scan", "caption", "tag", "bucket"}
     buckets = (project / "data/bucket/buckets.parquet").read_bytes()
+    tags = (project / "data/tag/tags.parquet").read_bytes()
+    captions = (project / "data/caption/captions.parquet").read_bytes()
 
     second = dvc(project, "repro")
     assert ran(second) == set()
@@ -51,8 +53,14 @@ def test_repro_reruns_only_what_changed(project: Path):
 
     caption = project / "data/raw/train/10_sks circle/circle_01.txt"
     caption.write_text("an edited caption\n")
-    assert ran(dvc(project, "repro")) == {"scan", "bucket"}
+    edited = dvc(project, "repro")
+    assert ran(edited) == {"scan", "caption", "tag", "bucket"}
     assert (project / "data/bucket/buckets.parquet").read_bytes() == buckets
+    assert (project / "data/tag/tags.parquet").read_bytes() == tags
+    assert (project / "data/caption/captions.parquet").read_bytes() != captions
+    # The models ran on nothing: their outputs came from the persisted caches.
+    assert "0 generated now, 11 from the cache" in edited
+    assert "0 now, 22 from the cache" in edited
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["bucket"]["resolution"] = 768

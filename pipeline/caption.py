@@ -1,0 +1,175 @@
+"""Stage `caption`: a transformers image-to-text model (BLIP, BLIP-2, GIT ...) captions the images.
+
+What kohya's finetune/make_captions.py does, as a stage that only runs new images: model captions are
+cached per (image_id, model identity, generation params), and the policy (`caption.mode`) and the
+normalisation are applied after the cache, so changing them never reruns the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.errors import KilnError
+from pipeline.inference import (
+    cache_key,
+    dtype_argument,
+    fingerprint,
+    load_rgb,
+    resolve_device,
+    resolve_model,
+    run_batched,
+)
+from pipeline.params import CaptionParams
+from pipeline.tables import read_table, write_table
+
+log = logging.getLogger(__name__)
+
+CAPTIONS_SCHEMA = pa.schema([("image_id", pa.string()), ("caption", pa.string()), ("source", pa.string())])
+CACHE_SCHEMA = pa.schema([("cache_key", pa.string()), ("image_id", pa.string()), ("caption", pa.string())])
+# Captions the user wrote: `missing` mode never replaces them.
+USER_SOURCES = {"sidecar", "yaml"}
+
+
+@dataclass(frozen=True)
+class CaptionPaths:
+    images: Path
+    data_root: Path
+    out_dir: Path
+
+    @property
+    def captions(self) -> Path:
+        return self.out_dir / "captions.parquet"
+
+    @property
+    def cache(self) -> Path:
+        return self.out_dir / "model_cache.parquet"
+
+
+@dataclass
+class CaptionResult:
+    rows: list[dict[str, Any]]
+    model_captioned: int = 0
+    from_cache: int = 0
+    ran: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def normalise(text: str, cfg: CaptionParams) -> str:
+    """Strip, collapse whitespace, optionally lower-case, apply regex replacements, drop repeated phrases."""
+    text = re.sub(r"\s+", " ", text).strip()
+    if cfg.lowercase:
+        text = text.lower()
+    for replacement in cfg.replacements:
+        text = re.sub(replacement.pattern, replacement.replace, text)
+    text = re.sub(r"\s+", " ", text).strip()
+    if cfg.dedupe_phrases:
+        phrases, seen = [], set()
+        for phrase in (part.strip() for part in text.split(",")):
+            if phrase and phrase not in seen:
+                seen.add(phrase)
+                phrases.append(phrase)
+        text = ", ".join(phrases)
+    return text
+
+
+def needs_model(row: dict[str, Any], mode: str) -> bool:
+    return mode != "missing" or row["caption_source"] not in USER_SOURCES
+
+
+def combine(existing: str, generated: str, mode: str, separator: str) -> str:
+    if mode == "append" and existing:
+        return f"{existing}{separator}{generated}"
+    if mode == "prepend" and existing:
+        return f"{generated}{separator}{existing}"
+    return generated
+
+
+class Captioner:
+    """A transformers image-to-text model, called on a batch of RGB images."""
+
+    def __init__(self, folder: Path, cfg: CaptionParams):
+        import torch
+        from transformers import AutoProcessor
+
+        try:
+            from transformers import AutoModelForImageTextToText as AutoCaptioner
+        except ImportError:  # transformers < 4.46
+            from transformers import AutoModelForVision2Seq as AutoCaptioner
+
+        self.cfg = cfg
+        self.device, self.dtype = resolve_device(cfg.device, cfg.dtype)
+        remote = cfg.trust_remote_code
+        self.processor = AutoProcessor.from_pretrained(folder, trust_remote_code=remote)
+        self.model = AutoCaptioner.from_pretrained(folder, trust_remote_code=remote, **dtype_argument(self.dtype))
+        self.model.to(self.device).eval()
+        self._torch = torch
+
+    def __call__(self, images: list[Any]) -> list[str]:
+        prompts = [self.cfg.prompt] * len(images) if self.cfg.prompt else None
+        inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        inputs = {
+            name: value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
+            for name, value in inputs.items()
+        }
+        with self._torch.inference_mode():
+            ids = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens, num_beams=self.cfg.num_beams)
+        return [text.strip() for text in self.processor.batch_decode(ids, skip_special_tokens=True)]
+
+
+def run(cfg: CaptionParams, paths: CaptionPaths, captioner_factory: Any = Captioner) -> CaptionResult:
+    """Write captions.parquet (every image: image_id, caption, source) and update the model cache."""
+    if not paths.images.is_file():
+        raise KilnError(f"{paths.images}: not found; run `kiln scan` first")
+    images = sorted(read_table(paths.images), key=lambda row: row["image_id"])
+    todo = [row for row in images if needs_model(row, cfg.mode)]
+    result = CaptionResult(rows=[])
+    generated: dict[str, str] = {}
+    source = ""
+    if todo:
+        model = resolve_model(cfg.model, "caption.model")
+        source = f"model:{model.name}"
+        identity = fingerprint(model.folder)
+        device, dtype = resolve_device(cfg.device, cfg.dtype)
+        keys = {
+            row["image_id"]: cache_key(
+                image_id=row["image_id"], model=identity, prompt=cfg.prompt, max_new_tokens=cfg.max_new_tokens,
+                num_beams=cfg.num_beams, dtype=str(dtype),
+            )
+            for row in todo
+        }
+        cache = {row["cache_key"]: row for row in read_table(paths.cache)} if paths.cache.is_file() else {}
+        missing = [row for row in todo if keys[row["image_id"]] not in cache]
+        result.from_cache = len(todo) - len(missing)
+        if missing:
+            captioner = captioner_factory(model.folder, cfg)
+            outcomes = run_batched(
+                missing, lambda row: load_rgb(paths.data_root / row["path"]), captioner,
+                cfg.batch_size, cfg.workers, label=lambda row: row["path"], desc="caption",
+            )
+            try:
+                for outcome in outcomes:
+                    if outcome.error:
+                        result.failures.append(outcome.error)
+                        continue
+                    key = keys[outcome.item["image_id"]]
+                    cache[key] = {"cache_key": key, "image_id": outcome.item["image_id"], "caption": outcome.output}
+                    result.ran += 1
+            finally:
+                # Saved even when interrupted: every caption already generated survives a kill.
+                write_table(sorted(cache.values(), key=lambda row: row["cache_key"]), CACHE_SCHEMA, paths.cache)
+        generated = {row["image_id"]: cache[keys[row["image_id"]]]["caption"] for row in todo if keys[row["image_id"]] in cache}
+    for row in images:
+        caption, row_source = row["caption"] or "", row["caption_source"]
+        if row["image_id"] in generated:
+            caption = combine(caption, generated[row["image_id"]], cfg.mode, cfg.separator)
+            row_source = source
+            result.model_captioned += 1
+        result.rows.append({"image_id": row["image_id"], "caption": normalise(caption, cfg), "source": row_source})
+    write_table(result.rows, CAPTIONS_SCHEMA, paths.captions)
+    return result

@@ -1,0 +1,199 @@
+"""Running a model over every image: finding the model, fingerprinting it, decoding in a pool, batching.
+
+Shared by the caption and tag stages. Model outputs are cached per (image_id, model identity, params)
+in a Parquet table that DVC keeps between runs (`persist`), so a rerun only runs new images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from pipeline.errors import KilnError
+from pipeline.presets import PRESETS, preset_dir
+
+log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+Loaded = TypeVar("Loaded")
+Output = TypeVar("Output")
+
+# Files that make up a model's identity; README, images and the like do not change its outputs.
+IDENTITY_SUFFIXES = {".safetensors", ".bin", ".onnx", ".json", ".txt", ".csv", ".model", ".pt", ".ckpt", ".msgpack"}
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode an image as a model sees it: first frame, EXIF orientation applied, alpha on white, RGB."""
+    with Image.open(path) as image:
+        image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        # 16-bit greyscale: scale to 8 bits instead of letting convert() clip everything above 255.
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels / peak * 255.0, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "P") and (image.mode != "P" or "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        image = background
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model folder on disk and the short name that goes into `source` columns."""
+
+    folder: Path
+    name: str
+
+
+def resolve_model(spec: str, key: str) -> ResolvedModel:
+    """A preset name, a local folder, or a hub id already cached (or downloadable when online)."""
+    if spec in PRESETS:
+        return ResolvedModel(preset_dir(spec), spec)
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        return ResolvedModel(local, local.resolve().name)
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not local.exists()
+    if not looks_like_hub_id:
+        raise KilnError(
+            f"{key}: '{spec}' is not a folder. Point {key} at a local model folder, a hub id, "
+            f"or a preset ({', '.join(sorted(PRESETS))})."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id=spec, local_files_only=True)
+    except Exception:
+        try:
+            folder = snapshot_download(repo_id=spec)
+        except Exception as exc:
+            raise KilnError(
+                f"{key}: '{spec}' is not in the local hub cache and could not be downloaded "
+                f"({exc.__class__.__name__}). To work offline, download it where there is network "
+                f"(`hf download {spec} --local-dir /models/{spec.split('/')[1]}`), copy the folder here, "
+                f"and set {key}: /models/{spec.split('/')[1]}"
+            ) from None
+    return ResolvedModel(Path(folder), spec.split("/")[1])
+
+
+def fingerprint(folder: Path) -> str:
+    """sha256 over the model's weight, config and vocabulary files (names and bytes)."""
+    digest = hashlib.sha256()
+    files = sorted(
+        path for path in folder.rglob("*")
+        if path.is_file() and path.suffix in IDENTITY_SUFFIXES and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+    if not files:
+        raise KilnError(f"{folder}: no model files (config, weights) in this folder")
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(**fields: Any) -> str:
+    """A stable hash of everything that determines a model output."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resolve_device(device: str, dtype: str) -> tuple[str, Any]:
+    """`auto` -> CUDA when available; dtype `auto` -> float16 on CUDA, float32 elsewhere."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KilnError(f"device '{device}' asked for, but torch sees no CUDA device; use device: cpu or auto")
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return device, getattr(torch, dtype)
+
+
+def dtype_argument(dtype: Any) -> dict[str, Any]:
+    """from_pretrained's precision keyword: `dtype` since transformers 4.56, `torch_dtype` before."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+@dataclass
+class Outcome(Generic[Item, Output]):
+    item: Item
+    output: Output | None
+    error: str | None = None
+
+
+def run_batched(
+    items: Sequence[Item],
+    load: Callable[[Item], Loaded],
+    infer: Callable[[list[Loaded]], list[Output]],
+    batch_size: int,
+    workers: int,
+    label: Callable[[Item], str],
+    desc: str,
+) -> Iterator[Outcome[Item, Output]]:
+    """Decode items in a thread pool two batches ahead of the model, and run the model batched.
+
+    A batch whose model call fails is retried one image at a time, so one bad image costs only itself;
+    its error names the image.
+    """
+    batches = [list(items[start : start + batch_size]) for start in range(0, len(items), batch_size)]
+    workers = workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(items), desc=desc, unit="img", disable=None) as progress:
+        def submit(batch: list[Item]) -> list[Future[Loaded]]:
+            return [pool.submit(load, item) for item in batch]
+
+        pending: deque[list[Future[Loaded]]] = deque(submit(batch) for batch in batches[:2])
+        for index, batch in enumerate(batches):
+            futures = pending.popleft()
+            if index + 2 < len(batches):
+                pending.append(submit(batches[index + 2]))
+            ready: list[tuple[Item, Loaded]] = []
+            for item, future in zip(batch, futures, strict=True):
+                try:
+                    ready.append((item, future.result()))
+                except Exception as exc:
+                    message = f"{label(item)}: cannot read image ({exc.__class__.__name__}: {exc})"
+                    log.error(message)
+                    yield Outcome(item, None, message)
+            yield from _infer_batch(ready, infer, label)
+            progress.update(len(batch))
+
+
+def _infer_batch(
+    ready: list[tuple[Any, Any]], infer: Callable[[list[Any]], list[Any]], label: Callable[[Any], str]
+) -> Iterator[Outcome[Any, Any]]:
+    if not ready:
+        return
+    try:
+        outputs = infer([loaded for _, loaded in ready])
+    except Exception as exc:
+        if len(ready) == 1:
+            message = f"{label(ready[0][0])}: model failed ({exc.__class__.__name__}: {exc})"
+            log.error(message)
+            yield Outcome(ready[0][0], None, message)
+            return
+        log.warning("a batch of %d failed (%s: %s); retrying image by image", len(ready), exc.__class__.__name__, exc)
+        for pair in ready:
+            yield from _infer_batch([pair], infer, label)
+        return
+    for (item, _), output in zip(ready, outputs, strict=True):
+        yield Outcome(item, output)

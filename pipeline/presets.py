@@ -1,0 +1,186 @@
+"""Built-in random presets: the real architectures at toy width, built from config with a fixed seed.
+
+They let every stage run on a CPU with no download. A preset is written once to a folder in the format
+real weights use (safetensors + config + tokenizer files), and then loaded from that folder by the same
+code that loads real weights, so tests and the demo exercise the real path.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+# Bump when a preset's architecture or files change, so old cached folders are not reused.
+PRESET_VERSION = 1
+SEED = 0
+
+TINY_WORDS = (
+    "a an the of on in with and is red blue green yellow purple orange white black circle square "
+    "triangle shape photo picture drawing background gradient small large banner flat colour"
+).split()
+
+# WD14 layout: tag_id, name, category (0 general, 4 character, 9 rating).
+TINY_TAGS = [
+    ("general", 9), ("sensitive", 9), ("questionable", 9), ("explicit", 9),
+    ("sks_character", 4), ("other_character", 4),
+    ("circle", 0), ("square", 0), ("triangle", 0), ("red_background", 0), ("blue_background", 0),
+    ("gradient", 0), ("simple_background", 0), ("no_humans", 0), ("flat_colour", 0), ("white_background", 0),
+]
+
+
+def cache_root() -> Path:
+    """Where presets are written: $KILN_CACHE, else ~/.cache/kiln."""
+    return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable-character table of byte-level BPE (GPT-2, CLIP), so every byte is a token."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def build_tiny_blip(folder: Path) -> None:
+    """BlipForConditionalGeneration with a 2-layer-wide toy config and a small WordPiece vocabulary."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+
+    try:
+        from transformers import (
+            BlipImageProcessorPil as ImageProcessor,  # transformers >= 5 without torchvision
+        )
+    except ImportError:
+        from transformers import BlipImageProcessor as ImageProcessor
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = specials + TINY_WORDS + list(letters + ",.") + [f"##{c}" for c in letters]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
+    torch.manual_seed(SEED)
+    config = BlipConfig(
+        text_config=dict(
+            vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=128, encoder_hidden_size=32,
+            bos_token_id=vocab.index("[DEC]"), sep_token_id=vocab.index("[SEP]"), pad_token_id=0,
+        ),
+        vision_config=dict(hidden_size=32, image_size=64, patch_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+        projection_dim=32,
+    )
+    model = BlipForConditionalGeneration(config).eval()
+    processor = BlipProcessor(image_processor=ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def build_tiny_clip(folder: Path) -> None:
+    """CLIPModel at toy width with a byte-level vocabulary (no merges): every character is a token."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    characters = list(_bytes_to_unicode().values())
+    vocab = {token: index for index, token in enumerate(characters + [c + "</w>" for c in characters])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    torch.manual_seed(SEED)
+    end = vocab["<|endoftext|>"]
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=77,
+            bos_token_id=vocab["<|startoftext|>"], eos_token_id=end, pad_token_id=end,
+        ),
+        vision_config=dict(hidden_size=32, image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+        projection_dim=16,
+    )
+    model = CLIPModel(config).eval()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+
+
+def write_selected_tags(folder: Path, tags: list[tuple[str, int]]) -> None:
+    with open(folder / "selected_tags.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["tag_id", "name", "category", "count"])
+        for index, (name, category) in enumerate(tags):
+            writer.writerow([index, name, category, 1000 - index])
+
+
+def export_wd14_onnx(module: object, folder: Path, size: int) -> None:
+    """Export a torch module as a WD14-layout tagger: NHWC float32 BGR 0..255 in, sigmoid scores out."""
+    import torch
+
+    torch.onnx.export(
+        module,
+        (torch.zeros(1, size, size, 3),),
+        str(folder / "model.onnx"),
+        input_names=["input_1:0"],
+        output_names=["predictions_sigmoid"],
+        dynamic_axes={"input_1:0": {0: "batch"}, "predictions_sigmoid": {0: "batch"}},
+        dynamo=False,
+    )
+
+
+def build_tiny_wd14(folder: Path) -> None:
+    """A small convolutional tagger exported to ONNX in the WD14 layout, with its selected_tags.csv."""
+    import torch
+
+    class TinyTagger(torch.nn.Module):
+        def __init__(self, tags: int):
+            super().__init__()
+            self.features = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+            )
+            self.head = torch.nn.Linear(16, tags)
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            # images: (N, H, W, 3) BGR in 0..255, as WD14 taggers take them.
+            x = images.permute(0, 3, 1, 2) / 255.0
+            return torch.sigmoid(self.head(self.features(x)))
+
+    torch.manual_seed(SEED)
+    export_wd14_onnx(TinyTagger(len(TINY_TAGS)).eval(), folder, size=64)
+    write_selected_tags(folder, TINY_TAGS)
+
+
+PRESETS: dict[str, Callable[[Path], None]] = {
+    "tiny-blip": build_tiny_blip,
+    "tiny-clip": build_tiny_clip,
+    "tiny-wd14": build_tiny_wd14,
+}
+
+
+def preset_dir(name: str) -> Path:
+    """The folder of a built-in preset, built on first use (atomically, so a killed build leaves nothing)."""
+    folder = cache_root() / "presets" / f"{name}-v{PRESET_VERSION}"
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    try:
+        PRESETS[name](staging)
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not folder.is_dir():  # another process did not win the race: a real failure
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder

@@ -1,0 +1,43 @@
+"""`kiln tag`: tag images with a WD14 ONNX tagger or zero-shot CLIP into data/tag/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline import tag
+from stages.common import ParamsOption, SetOption, console, load, run_single, user_errors
+
+
+@user_errors
+def main(
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    images: Annotated[Path, typer.Option(help="The scan stage's image table.")] = Path("data/scan/images.parquet"),
+    data_root: Annotated[Path, typer.Option(help="The folder image paths are relative to.")] = Path("data/raw"),
+    out: Annotated[Path, typer.Option(help="Where tags.parquet, tag_frequency.json and the cache go.")] = Path(
+        "data/tag"
+    ),
+) -> None:
+    """Tag images: tag.backend wd14 (model.onnx + selected_tags.csv) or clip (a vocabulary file).
+
+    Tags are cached per image, model and thresholds: a rerun only tags new images.
+    """
+    cfg = load(params, overrides).tag
+    result = tag.run(cfg, tag.TagPaths(images, data_root, out))
+    top = sorted(
+        ((name, count) for counts in result.frequency.values() for name, count in counts.items()),
+        key=lambda item: -item[1],
+    )[:8]
+    console.print(
+        f"tag: {len(result.rows)} images tagged ({result.ran} now, {result.from_cache} from the cache); "
+        f"most frequent: {', '.join(name for name, _ in top) or 'none'}"
+    )
+    for failure in result.failures:
+        console.print(f"  [red]failed[/] {failure}")
+
+
+if __name__ == "__main__":
+    run_single(main)

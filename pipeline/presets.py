@@ -123,6 +123,16 @@ def write_selected_tags(folder: Path, tags: list[tuple[str, int]]) -> None:
 
 def export_wd14_onnx(module: object, folder: Path, size: int) -> None:
     """Export a torch module as a WD14-layout tagger: NHWC float32 BGR 0..255 in, sigmoid scores out."""
+    import warnings
+
+
+    # The TorchScript exporter needs only `onnx`; the newer dynamo exporter would also need onnxscript.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _export(module, folder, size)
+
+
+def _export(module: object, folder: Path, size: int) -> None:
     import torch
 
     torch.onnx.export(

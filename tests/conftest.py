@@ -59,3 +59,14 @@ def demo_root(demo_source: Path, tmp_path: Path) -> Path:
     root = tmp_path / "data" / "raw"
     shutil.copytree(demo_source, root)
     return root
+
+
+@pytest.fixture(scope="session")
+def scanned_demo(tmp_path_factory: pytest.TempPathFactory, demo_source: Path) -> Path:
+    """images.parquet of the demo dataset (read-only for tests)."""
+    from pipeline.params import ScanParams
+    from pipeline.scan import ScanPaths, run
+
+    out = tmp_path_factory.mktemp("scan")
+    run(ScanParams(workers=1), ScanPaths(demo_source, out))
+    return out / "images.parquet"

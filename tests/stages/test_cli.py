@@ -14,7 +14,7 @@ from stages.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
-STAGES = ["demo-data", "scan", "bucket", "params"]
+STAGES = ["demo-data", "scan", "caption", "tag", "bucket", "params"]
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_help_lists_every_stage():
         assert stage in result.output
 
 
-@pytest.mark.parametrize("stage", ["scan", "bucket", "params"])
+@pytest.mark.parametrize("stage", ["scan", "caption", "tag", "bucket", "params"])
 def test_stage_help_documents_params_and_set(stage):
     result = runner.invoke(app, [stage, "--help"])
     assert result.exit_code == 0
@@ -116,3 +116,23 @@ def test_disk_error_names_the_file_without_traceback(project, monkeypatch):
     output = plain(result.output)
     assert "error: data/scan/images.parquet: could not write ([Errno 28] No space left on device)" in output
     assert "Traceback" not in output
+
+
+def test_caption_and_tag_through_the_cli_with_presets(project):
+    runner.invoke(app, ["demo-data"])
+    runner.invoke(app, ["scan"])
+    caption = runner.invoke(app, ["caption", "--set", "caption.max_new_tokens=4"])
+    assert caption.exit_code == 0, caption.output
+    assert "caption: 22 images; 11 with a model caption (11 generated now, 0 from the cache)" in plain(caption.output)
+    tag = runner.invoke(app, ["tag"])
+    assert tag.exit_code == 0, tag.output
+    assert "tag: 22 images tagged (22 now, 0 from the cache)" in plain(tag.output)
+    assert len(read_table(project / "data/tag/tags.parquet")) == 22
+
+
+def test_missing_caption_model_is_one_clear_line(project):
+    runner.invoke(app, ["demo-data"])
+    runner.invoke(app, ["scan"])
+    result = runner.invoke(app, ["caption", "--set", "caption.model=/nowhere/blip"])
+    assert result.exit_code == 2
+    assert "error: caption.model: '/nowhere/blip' is not a folder" in plain(result.output)

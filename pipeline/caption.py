@@ -20,10 +20,9 @@ from pipeline.inference import (
     cache_key,
     dtype_argument,
     fingerprint,
-    load_rgb,
     resolve_device,
     resolve_model,
-    run_batched,
+    run_cached,
 )
 from pipeline.params import CaptionParams
 from pipeline.tables import read_table, write_table
@@ -143,26 +142,12 @@ def run(cfg: CaptionParams, paths: CaptionPaths, captioner_factory: Any = Captio
             )
             for row in todo
         }
-        cache = {row["cache_key"]: row for row in read_table(paths.cache)} if paths.cache.is_file() else {}
-        missing = [row for row in todo if keys[row["image_id"]] not in cache]
-        result.from_cache = len(todo) - len(missing)
-        if missing:
-            captioner = captioner_factory(model.folder, cfg)
-            outcomes = run_batched(
-                missing, lambda row: load_rgb(paths.data_root / row["path"]), captioner,
-                cfg.batch_size, cfg.workers, label=lambda row: row["path"], desc="caption",
-            )
-            try:
-                for outcome in outcomes:
-                    if outcome.error:
-                        result.failures.append(outcome.error)
-                        continue
-                    key = keys[outcome.item["image_id"]]
-                    cache[key] = {"cache_key": key, "image_id": outcome.item["image_id"], "caption": outcome.output}
-                    result.ran += 1
-            finally:
-                # Saved even when interrupted: every caption already generated survives a kill.
-                write_table(sorted(cache.values(), key=lambda row: row["cache_key"]), CACHE_SCHEMA, paths.cache)
+        run_result = run_cached(
+            todo, keys, paths.cache, CACHE_SCHEMA, lambda: captioner_factory(model.folder, cfg),
+            lambda caption: {"caption": caption}, paths.data_root, cfg.batch_size, cfg.workers, "caption",
+        )
+        cache = run_result.cache
+        result.ran, result.from_cache, result.failures = run_result.ran, run_result.from_cache, run_result.failures
         generated = {row["image_id"]: cache[keys[row["image_id"]]]["caption"] for row in todo if keys[row["image_id"]] in cache}
     for row in images:
         caption, row_source = row["caption"] or "", row["caption_source"]

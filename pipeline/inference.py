@@ -13,16 +13,18 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from pipeline.errors import KilnError
 from pipeline.presets import PRESETS, preset_dir
+from pipeline.tables import read_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -197,3 +199,54 @@ def _infer_batch(
         return
     for (item, _), output in zip(ready, outputs, strict=True):
         yield Outcome(item, output)
+
+
+@dataclass
+class CachedRun:
+    """Model outputs by cache key (old and new), and what this run did."""
+
+    cache: dict[str, dict[str, Any]]
+    ran: int = 0
+    from_cache: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def run_cached(
+    rows: list[dict[str, Any]],
+    keys: dict[str, str],
+    cache_path: Path,
+    schema: pa.Schema,
+    make_model: Callable[[], Any],
+    to_cache_row: Callable[[Any], dict[str, Any]],
+    data_root: Path,
+    batch_size: int,
+    workers: int,
+    desc: str,
+) -> CachedRun:
+    """Run the model on the images.parquet rows whose key (by image_id) the cache lacks; update the cache.
+
+    The model is built only when something is missing. The cache is written even when the run is
+    interrupted, so no output already computed is lost; failed images are not cached and retry next run.
+    """
+    cache = {row["cache_key"]: row for row in read_table(cache_path)} if cache_path.is_file() else {}
+    missing = [row for row in rows if keys[row["image_id"]] not in cache]
+    result = CachedRun(cache, from_cache=len(rows) - len(missing))
+    if not missing:
+        return result
+    model = make_model()
+    preprocess = getattr(model, "preprocess", lambda image: image)
+    outcomes = run_batched(
+        missing, lambda row: preprocess(load_rgb(data_root / row["path"])), model,
+        batch_size, workers, label=lambda row: row["path"], desc=desc,
+    )
+    try:
+        for outcome in outcomes:
+            if outcome.error:
+                result.failures.append(outcome.error)
+                continue
+            key = keys[outcome.item["image_id"]]
+            cache[key] = {"cache_key": key, "image_id": outcome.item["image_id"], **to_cache_row(outcome.output)}
+            result.ran += 1
+    finally:
+        write_table(sorted(cache.values(), key=lambda row: row["cache_key"]), schema, cache_path)
+    return result

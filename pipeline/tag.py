@@ -26,10 +26,9 @@ from pipeline.inference import (
     cache_key,
     dtype_argument,
     fingerprint,
-    load_rgb,
     resolve_device,
     resolve_model,
-    run_batched,
+    run_cached,
 )
 from pipeline.params import TagParams
 from pipeline.tables import read_table, write_json, write_table
@@ -271,30 +270,17 @@ def run(cfg: TagParams, paths: TagPaths, tagger_factory: Any = make_tagger) -> T
     model = resolve_model(cfg.model, "tag.model")
     model_key = _model_key(cfg, fingerprint(model.folder), vocabulary)
     keys = {row["image_id"]: cache_key(image_id=row["image_id"], **model_key) for row in images}
-    cache = {row["cache_key"]: row for row in read_table(paths.cache)} if paths.cache.is_file() else {}
-    missing = [row for row in images if keys[row["image_id"]] not in cache]
-    result = TagResult(rows=[], frequency={}, from_cache=len(images) - len(missing))
-    if missing:
-        tagger = tagger_factory(model.folder, cfg, vocabulary)
-        outcomes = run_batched(
-            missing, lambda row: tagger.preprocess(load_rgb(paths.data_root / row["path"])), tagger,
-            cfg.batch_size, cfg.workers, label=lambda row: row["path"], desc="tag",
-        )
-        try:
-            for outcome in outcomes:
-                if outcome.error:
-                    result.failures.append(outcome.error)
-                    continue
-                key = keys[outcome.item["image_id"]]
-                names, categories, scores = zip(*outcome.output, strict=True) if outcome.output else ((), (), ())
-                cache[key] = {
-                    "cache_key": key, "image_id": outcome.item["image_id"],
-                    "names": list(names), "categories": list(categories), "scores": [float(s) for s in scores],
-                }
-                result.ran += 1
-        finally:
-            # Saved even when interrupted: every image already tagged survives a kill.
-            write_table(sorted(cache.values(), key=lambda row: row["cache_key"]), CACHE_SCHEMA, paths.cache)
+
+    def to_cache_row(raw: RawTags) -> dict[str, Any]:
+        names, categories, scores = zip(*raw, strict=True) if raw else ((), (), ())
+        return {"names": list(names), "categories": list(categories), "scores": [float(s) for s in scores]}
+
+    run_result = run_cached(
+        images, keys, paths.cache, CACHE_SCHEMA, lambda: tagger_factory(model.folder, cfg, vocabulary),
+        to_cache_row, paths.data_root, cfg.batch_size, cfg.workers, "tag",
+    )
+    cache = run_result.cache
+    result = TagResult(rows=[], frequency={}, from_cache=run_result.from_cache, ran=run_result.ran, failures=run_result.failures)
     source = f"{cfg.backend}:{model.name}"
     for row in images:
         cached = cache.get(keys[row["image_id"]])

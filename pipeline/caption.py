@@ -17,6 +17,8 @@ import pyarrow as pa
 
 from pipeline.errors import KilnError
 from pipeline.inference import (
+    CachedRun,
+    ModelStagePaths,
     cache_key,
     dtype_argument,
     fingerprint,
@@ -36,27 +38,16 @@ USER_SOURCES = {"sidecar", "yaml"}
 
 
 @dataclass(frozen=True)
-class CaptionPaths:
-    images: Path
-    data_root: Path
-    out_dir: Path
-
+class CaptionPaths(ModelStagePaths):
     @property
     def captions(self) -> Path:
         return self.out_dir / "captions.parquet"
 
-    @property
-    def cache(self) -> Path:
-        return self.out_dir / "model_cache.parquet"
-
 
 @dataclass
-class CaptionResult:
-    rows: list[dict[str, Any]]
+class CaptionResult(CachedRun):
+    rows: list[dict[str, Any]] = field(default_factory=list)
     model_captioned: int = 0
-    from_cache: int = 0
-    ran: int = 0
-    failures: list[str] = field(default_factory=list)
 
 
 def normalise(text: str, cfg: CaptionParams) -> str:
@@ -127,7 +118,7 @@ def run(cfg: CaptionParams, paths: CaptionPaths, captioner_factory: Any = Captio
         raise KilnError(f"{paths.images}: not found; run `kiln scan` first")
     images = sorted(read_table(paths.images), key=lambda row: row["image_id"])
     todo = [row for row in images if needs_model(row, cfg.mode)]
-    result = CaptionResult(rows=[])
+    result = CaptionResult(cache={})
     generated: dict[str, str] = {}
     source = ""
     if todo:
@@ -146,8 +137,8 @@ def run(cfg: CaptionParams, paths: CaptionPaths, captioner_factory: Any = Captio
             todo, keys, paths.cache, CACHE_SCHEMA, lambda: captioner_factory(model.folder, cfg),
             lambda caption: {"caption": caption}, paths.data_root, cfg.batch_size, cfg.workers, "caption",
         )
-        cache = run_result.cache
-        result.ran, result.from_cache, result.failures = run_result.ran, run_result.from_cache, run_result.failures
+        result = CaptionResult(**vars(run_result))
+        cache = result.cache
         generated = {row["image_id"]: cache[keys[row["image_id"]]]["caption"] for row in todo if keys[row["image_id"]] in cache}
     for row in images:
         caption, row_source = row["caption"] or "", row["caption_source"]

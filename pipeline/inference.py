@@ -201,6 +201,19 @@ def _infer_batch(
         yield Outcome(item, output)
 
 
+@dataclass(frozen=True)
+class ModelStagePaths:
+    """A model stage reads images.parquet and the image files, and keeps its cache in its out_dir."""
+
+    images: Path
+    data_root: Path
+    out_dir: Path
+
+    @property
+    def cache(self) -> Path:
+        return self.out_dir / "model_cache.parquet"
+
+
 @dataclass
 class CachedRun:
     """Model outputs by cache key (old and new), and what this run did."""

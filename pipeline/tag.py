@@ -23,6 +23,8 @@ from PIL import Image
 
 from pipeline.errors import KilnError
 from pipeline.inference import (
+    CachedRun,
+    ModelStagePaths,
     cache_key,
     dtype_argument,
     fingerprint,
@@ -57,11 +59,7 @@ CACHE_SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True)
-class TagPaths:
-    images: Path
-    data_root: Path
-    out_dir: Path
-
+class TagPaths(ModelStagePaths):
     @property
     def tags(self) -> Path:
         return self.out_dir / "tags.parquet"
@@ -70,18 +68,11 @@ class TagPaths:
     def frequency(self) -> Path:
         return self.out_dir / "tag_frequency.json"
 
-    @property
-    def cache(self) -> Path:
-        return self.out_dir / "model_cache.parquet"
-
 
 @dataclass
-class TagResult:
-    rows: list[dict[str, Any]]
-    frequency: dict[str, dict[str, int]]
-    from_cache: int = 0
-    ran: int = 0
-    failures: list[str] = field(default_factory=list)
+class TagResult(CachedRun):
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    frequency: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 # A tag is a list of (name, category, score) as the model gave it, before formatting.
@@ -279,8 +270,8 @@ def run(cfg: TagParams, paths: TagPaths, tagger_factory: Any = make_tagger) -> T
         images, keys, paths.cache, CACHE_SCHEMA, lambda: tagger_factory(model.folder, cfg, vocabulary),
         to_cache_row, paths.data_root, cfg.batch_size, cfg.workers, "tag",
     )
-    cache = run_result.cache
-    result = TagResult(rows=[], frequency={}, from_cache=run_result.from_cache, ran=run_result.ran, failures=run_result.failures)
+    result = TagResult(**vars(run_result))
+    cache = result.cache
     source = f"{cfg.backend}:{model.name}"
     for row in images:
         cached = cache.get(keys[row["image_id"]])

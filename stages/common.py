@@ -15,7 +15,7 @@ from rich.logging import RichHandler
 from pipeline.errors import KilnError
 from pipeline.params import Params, load_params
 
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 ParamsOption = Annotated[

@@ -38,6 +38,12 @@ IDENTITY_SUFFIXES = {".safetensors", ".bin", ".onnx", ".json", ".txt", ".csv", "
 
 def load_rgb(path: Path) -> Image.Image:
     """Decode an image as a model sees it: first frame, EXIF orientation applied, alpha on white, RGB."""
+    return load_rgb_and_alpha(path)[0]
+
+
+def load_rgb_and_alpha(path: Path) -> tuple[Image.Image, Image.Image | None]:
+    """The RGB image (alpha composited on white) and its alpha channel ("L") when it has one."""
+    alpha = None
     with Image.open(path) as image:
         image.seek(0)
         image.load()
@@ -49,10 +55,11 @@ def load_rgb(path: Path) -> Image.Image:
         image = Image.fromarray(np.clip(pixels / peak * 255.0, 0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA", "P") and (image.mode != "P" or "transparency" in image.info):
         rgba = image.convert("RGBA")
+        alpha = rgba.getchannel("A")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         background.alpha_composite(rgba)
         image = background
-    return image.convert("RGB")
+    return image.convert("RGB"), alpha
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,9 @@ class ResolvedModel:
     name: str
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
 def resolve_model(spec: str, key: str) -> ResolvedModel:
     """A preset name, a local folder, or a hub id already cached (or downloadable when online)."""
     if spec in PRESETS:
@@ -70,6 +80,8 @@ def resolve_model(spec: str, key: str) -> ResolvedModel:
     local = Path(spec).expanduser()
     if local.is_dir():
         return ResolvedModel(local, local.resolve().name)
+    if local.is_file() and local.suffix in SINGLE_FILE_SUFFIXES:
+        return ResolvedModel(local, local.stem)
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not local.exists()
     if not looks_like_hub_id:
         raise KilnError(
@@ -94,8 +106,13 @@ def resolve_model(spec: str, key: str) -> ResolvedModel:
 
 
 def fingerprint(folder: Path) -> str:
-    """sha256 over the model's weight, config and vocabulary files (names and bytes)."""
+    """sha256 over the model's weight, config and vocabulary files (names and bytes), or of one file."""
     digest = hashlib.sha256()
+    if folder.is_file():
+        with open(folder, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
     files = sorted(
         path for path in folder.rglob("*")
         if path.is_file() and path.suffix in IDENTITY_SUFFIXES and not any(part.startswith(".") for part in path.relative_to(folder).parts)
@@ -143,23 +160,26 @@ class Outcome(Generic[Item, Output]):
     error: str | None = None
 
 
+def chunks(items: Sequence[Item], size: int) -> list[list[Item]]:
+    return [list(items[start : start + size]) for start in range(0, len(items), size)]
+
+
 def run_batched(
-    items: Sequence[Item],
+    batches: list[list[Item]],
     load: Callable[[Item], Loaded],
     infer: Callable[[list[Loaded]], list[Output]],
-    batch_size: int,
     workers: int,
     label: Callable[[Item], str],
     desc: str,
 ) -> Iterator[Outcome[Item, Output]]:
-    """Decode items in a thread pool two batches ahead of the model, and run the model batched.
+    """Decode items in a thread pool two batches ahead of the model, and run the model batch by batch.
 
     A batch whose model call fails is retried one image at a time, so one bad image costs only itself;
     its error names the image.
     """
-    batches = [list(items[start : start + batch_size]) for start in range(0, len(items), batch_size)]
     workers = workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(items), desc=desc, unit="img", disable=None) as progress:
+    total = sum(len(batch) for batch in batches)
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=total, desc=desc, unit="img", disable=None) as progress:
         def submit(batch: list[Item]) -> list[Future[Loaded]]:
             return [pool.submit(load, item) for item in batch]
 
@@ -249,8 +269,8 @@ def run_cached(
     model = make_model()
     preprocess = getattr(model, "preprocess", lambda image: image)
     outcomes = run_batched(
-        missing, lambda row: preprocess(load_rgb(data_root / row["path"])), model,
-        batch_size, workers, label=lambda row: row["path"], desc=desc,
+        chunks(missing, batch_size), lambda row: preprocess(load_rgb(data_root / row["path"])), model,
+        workers, label=lambda row: row["path"], desc=desc,
     )
     try:
         for outcome in outcomes:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 # Bump when a preset's architecture or files change, so old cached folders are not reused.
-PRESET_VERSION = 1
+PRESET_VERSION = 2
 SEED = 0
 
 TINY_WORDS = (
@@ -84,26 +84,37 @@ def build_tiny_blip(folder: Path) -> None:
     processor.save_pretrained(folder)
 
 
-def build_tiny_clip(folder: Path) -> None:
-    """CLIPModel at toy width with a byte-level vocabulary (no merges): every character is a token."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+def tiny_clip_tokenizer(folder: Path) -> tuple[object, dict[str, int]]:
+    """A CLIPTokenizer with a byte-level vocabulary and no merges: every character is a token."""
+    from transformers import CLIPTokenizer
 
+    folder.mkdir(parents=True, exist_ok=True)
     characters = list(_bytes_to_unicode().values())
     vocab = {token: index for index, token in enumerate(characters + [c + "</w>" for c in characters])}
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    torch.manual_seed(SEED)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")), vocab
+
+
+def _tiny_text_config(vocab: dict[str, int], **extra: object) -> dict[str, object]:
     end = vocab["<|endoftext|>"]
+    return dict(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=end, pad_token_id=end, **extra,
+    )
+
+
+def build_tiny_clip(folder: Path) -> None:
+    """CLIPModel at toy width with the byte-level tiny tokenizer."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer, vocab = tiny_clip_tokenizer(folder)
+    torch.manual_seed(SEED)
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=77,
-            bos_token_id=vocab["<|startoftext|>"], eos_token_id=end, pad_token_id=end,
-        ),
+        text_config=_tiny_text_config(vocab),
         vision_config=dict(hidden_size=32, image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
         projection_dim=16,
     )
@@ -170,7 +181,73 @@ def build_tiny_wd14(folder: Path) -> None:
     write_selected_tags(folder, TINY_TAGS)
 
 
+def tiny_vae(scaling_factor: float) -> object:
+    """AutoencoderKL with the real 4-level layout (8x downsampling, 4 latent channels) at toy width."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+        sample_size=64, scaling_factor=scaling_factor,
+    )
+
+
+def build_tiny_sd15(folder: Path) -> None:
+    """A Stable Diffusion 1.x pipeline folder (diffusers layout) with every model at toy width."""
+    import torch
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer, vocab = tiny_clip_tokenizer(folder / "tokenizer")
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=tiny_vae(0.18215), text_encoder=CLIPTextModel(CLIPTextConfig(**_tiny_text_config(vocab))),
+        tokenizer=tokenizer, unet=unet,
+        scheduler=DDPMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+            steps_offset=1, clip_sample=False,
+        ),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+
+
+def build_tiny_sdxl(folder: Path) -> None:
+    """A Stable Diffusion XL pipeline folder: two text encoders, text_time conditioning, toy width."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, vocab = tiny_clip_tokenizer(folder / "tokenizer")
+    tokenizer_2, _ = tiny_clip_tokenizer(folder / "tokenizer_2")
+    torch.manual_seed(SEED)
+    # cross_attention_dim = 32 + 32 (both encoders' hidden states, concatenated);
+    # projection_class_embeddings_input_dim = 32 (pooled text) + 6 time ids x 8.
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=8,
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=tiny_vae(0.13025),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**_tiny_text_config(vocab))),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_tiny_text_config(vocab, projection_dim=32))),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000),
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+
+
 PRESETS: dict[str, Callable[[Path], None]] = {
+    "tiny-sd15": build_tiny_sd15,
+    "tiny-sdxl": build_tiny_sdxl,
     "tiny-blip": build_tiny_blip,
     "tiny-clip": build_tiny_clip,
     "tiny-wd14": build_tiny_wd14,

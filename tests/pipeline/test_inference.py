@@ -2,7 +2,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import KilnError
-from pipeline.inference import cache_key, fingerprint, load_rgb, resolve_model, run_batched
+from pipeline.inference import cache_key, chunks, fingerprint, load_rgb, resolve_model, run_batched
 from pipeline.presets import build_tiny_wd14
 from tests.conftest import write_image
 
@@ -29,7 +29,7 @@ def test_run_batched_retries_a_failed_batch_image_by_image():
             raise RuntimeError("bad input")
         return [value * 10 for value in batch]
 
-    outcomes = list(run_batched([1, 2, 3, 4, 5], lambda x: x, infer, batch_size=4, workers=2, label=lambda x: f"img{x}", desc="t"))
+    outcomes = list(run_batched(chunks([1, 2, 3, 4, 5], 4), lambda x: x, infer, workers=2, label=lambda x: f"img{x}", desc="t"))
     assert [(o.item, o.output) for o in outcomes] == [(1, 10), (2, 20), (3, None), (4, 40), (5, 50)]
     assert outcomes[2].error == "img3: model failed (RuntimeError: bad input)"
     assert calls == [[1, 2, 3, 4], [1], [2], [3], [4], [5]]
@@ -41,7 +41,7 @@ def test_run_batched_reports_an_unreadable_image_and_goes_on():
             raise OSError("truncated")
         return x
 
-    outcomes = list(run_batched([1, 2, 3], load, lambda b: b, batch_size=8, workers=1, label=str, desc="t"))
+    outcomes = list(run_batched([[1, 2, 3]], load, lambda b: b, workers=1, label=str, desc="t"))
     assert [(o.item, o.output, o.error) for o in outcomes] == [
         (2, None, "2: cannot read image (OSError: truncated)"), (1, 1, None), (3, 3, None),
     ]

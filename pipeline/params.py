@@ -358,6 +358,46 @@ class TagParams(InferenceParams):
         return self
 
 
+class CacheParams(Section):
+    SECTION: ClassVar[str] = "cache"
+
+    vae: str | None = None
+    """Encode with this VAE instead of model.base's (a folder, a single file or a hub id), for example a
+    fixed fp16 SDXL VAE."""
+
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Precision the latent mean and std are stored in."""
+
+    vae_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Precision the VAE encodes in; `auto` is bfloat16 on CUDA and float32 on CPU. A half-precision
+    batch that yields NaN or inf is re-encoded in float32 (what kohya's `no_half_vae` avoids)."""
+
+    flip_latents: bool = False
+    """Also encode the horizontally flipped crop of every image (images whose yaml sets flip_p > 0 get
+    one regardless), so the trainer's flip_p needs no re-encoding."""
+
+    masks: bool = True
+    """Store each image's mask (a mask file, else its alpha channel) at latent size, for masked training."""
+
+    batch_size: int = Field(8, ge=1)
+    """Images per VAE call; a batch always holds one bucket."""
+
+    device: str = "auto"
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+
+    workers: int = Field(0, ge=0)
+    """Threads that decode and crop images while the VAE runs; 0 uses every core."""
+
+    shard_max_count: int = Field(1000, ge=1)
+    """Latents per shard, at most."""
+
+    shard_max_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    """Bytes per shard, at most (a shard always holds at least one latent)."""
+
+    lock_timeout: float = Field(0.0, ge=0)
+    """Seconds to wait for another `kiln cache` writing the same store before giving up; 0 refuses at once."""
+
+
 class TrainParams(Section):
     SECTION: ClassVar[str] = "train"
 
@@ -381,6 +421,7 @@ class Params(BaseModel):
     caption: CaptionParams = Field(default_factory=CaptionParams)
     tag: TagParams = Field(default_factory=TagParams)
     bucket: BucketParams = Field(default_factory=BucketParams)
+    cache: CacheParams = Field(default_factory=CacheParams)
     train: TrainParams = Field(default_factory=TrainParams)
 
 

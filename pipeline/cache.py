@@ -1,0 +1,318 @@
+"""Stage `cache`: encode each bucketed crop with the VAE once, into the content-addressed latent store.
+
+Per sample the store holds the latent distribution's mean and std (so the trainer can draw a fresh
+latent each step, or use the mean), the mask at latent size when there is one, and SDXL's size fields.
+A sample's cache_key hashes everything that determines its bytes, so the stage encodes exactly the keys
+the store lacks: adding 10 images encodes 10, editing a caption encodes none, changing the resolution
+encodes all. Under `accelerate launch`, each rank encodes a disjoint slice and rank 0 indexes the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.errors import KilnError
+from pipeline.inference import cache_key, chunks, load_rgb_and_alpha, run_batched
+from pipeline.latents import LatentStore, Sample
+from pipeline.models import LoadedVAE, load_vae
+from pipeline.params import CacheParams
+from pipeline.tables import read_table
+
+log = logging.getLogger(__name__)
+
+# Bump when what a sample holds, or how it is computed, changes: every old key then becomes garbage.
+CACHE_FORMAT_VERSION = 1
+RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "area": Image.Resampling.BOX, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class CachePaths:
+    buckets: Path
+    images: Path
+    data_root: Path
+    store: Path
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One latent to have: an image's bucketed crop, maybe flipped."""
+
+    cache_key: str
+    image: dict[str, Any]
+    geometry: dict[str, Any]
+    flip: bool
+    mask: str | None  # "file", "alpha" or None
+
+    @property
+    def bucket(self) -> str:
+        return self.geometry["bucket"]
+
+
+@dataclass
+class Prepared:
+    entry: Entry
+    pixels: np.ndarray  # (3, H, W) float32 in [-1, 1]
+    mask: np.ndarray | None  # (1, H / 8, W / 8) float32 in [0, 1]
+
+
+@dataclass
+class CacheResult:
+    encoded: int = 0
+    reused: int = 0
+    repaired: int = 0
+    adopted: int = 0
+    garbage: int = 0
+    collected: int = 0
+    nan_fallbacks: int = 0
+    failures: list[str] = field(default_factory=list)
+    buckets: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "encoded": self.encoded, "reused": self.reused, "repaired": self.repaired, "adopted": self.adopted,
+            "garbage": self.garbage, "collected": self.collected, "nan_fallbacks": self.nan_fallbacks,
+            "failed": len(self.failures), "buckets": self.buckets,
+        }
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def plan(
+    images: list[dict[str, Any]], buckets: list[dict[str, Any]], cfg: CacheParams, interpolation: str,
+    vae_identity: str, vae_dtype: str, data_root: Path,
+) -> list[Entry]:
+    """Every latent the current inputs call for, sorted by (bucket, cache_key)."""
+    by_id = {row["image_id"]: row for row in images}
+    entries = []
+    for geometry in buckets:
+        image = by_id.get(geometry["image_id"])
+        if image is None:
+            raise KilnError(
+                f"buckets.parquet lists image {geometry['image_id'][:12]}… that images.parquet lacks; rerun `kiln bucket`"
+            )
+        mask, mask_identity = None, None
+        if cfg.masks and image["mask_path"]:
+            mask, mask_identity = "file", _file_digest(data_root / image["mask_path"])
+        elif cfg.masks and image["has_alpha"]:
+            mask, mask_identity = "alpha", "alpha"  # the alpha is part of the image bytes, so of image_id
+        flips = [False, True] if cfg.flip_latents or (image["flip_p"] or 0) > 0 else [False]
+        for flip in flips:
+            key = cache_key(
+                format=CACHE_FORMAT_VERSION, kind="latent", image_id=image["image_id"], vae=vae_identity,
+                bucket=[geometry["bucket_w"], geometry["bucket_h"]], resize=[geometry["resize_w"], geometry["resize_h"]],
+                crop=[geometry["crop_left"], geometry["crop_top"]], interpolation=interpolation, flip=flip,
+                dtype=cfg.dtype, vae_dtype=vae_dtype, mask=mask_identity,
+            )
+            entries.append(Entry(key, image, geometry, flip, mask))
+    return sorted(entries, key=lambda entry: (entry.bucket, entry.cache_key))
+
+
+def _crop(image: Image.Image, geometry: dict[str, Any], flip: bool, resample: Image.Resampling) -> Image.Image:
+    left, top = geometry["crop_left"], geometry["crop_top"]
+    resized = image.resize((geometry["resize_w"], geometry["resize_h"]), resample)
+    cropped = resized.crop((left, top, left + geometry["bucket_w"], top + geometry["bucket_h"]))
+    return ImageOps.mirror(cropped) if flip else cropped
+
+
+def prepare(entry: Entry, data_root: Path, interpolation: str, downsample: int) -> Prepared:
+    """Decode, resize to cover the bucket, crop, maybe flip, and scale to [-1, 1]; the mask likewise."""
+    rgb, alpha = load_rgb_and_alpha(data_root / entry.image["path"])
+    crop = _crop(rgb, entry.geometry, entry.flip, RESAMPLE[interpolation])
+    pixels = np.asarray(crop, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    mask_image = None
+    if entry.mask == "file":
+        with Image.open(data_root / entry.image["mask_path"]) as opened:
+            mask_image = ImageOps.exif_transpose(opened).convert("L")
+    elif entry.mask == "alpha":
+        mask_image = alpha
+    mask = None
+    if mask_image is not None:
+        cropped = _crop(mask_image, entry.geometry, entry.flip, Image.Resampling.BILINEAR)
+        # Area interpolation down to the latent grid: each latent cell gets its pixels' mean weight.
+        latent_size = (entry.geometry["bucket_w"] // downsample, entry.geometry["bucket_h"] // downsample)
+        mask = (np.asarray(cropped.resize(latent_size, Image.Resampling.BOX), dtype=np.float32) / 255.0)[None]
+    return Prepared(entry, pixels, mask)
+
+
+class Encoder:
+    """VAE encoding of prepared batches: (mean, std) per sample, with an fp32 retry for half-precision NaNs."""
+
+    def __init__(self, loaded: LoadedVAE, device: Any, vae_dtype: Any, store_dtype: Any):
+        import torch
+
+        self._torch = torch
+        self.device, self.vae_dtype, self.store_dtype = torch.device(device), vae_dtype, store_dtype
+        self.vae = loaded.vae.to(self.device)
+        if vae_dtype != torch.float32:
+            self.vae = self.vae.to(vae_dtype)
+        self._fp32_vae: Any = None
+        self.nan_fallbacks = 0
+
+    def _encode(self, vae: Any, pixels: Any, dtype: Any) -> tuple[Any, Any]:
+        with self._torch.inference_mode():
+            distribution = vae.encode(pixels.to(dtype)).latent_dist
+            return distribution.mean.float(), distribution.std.float()
+
+    def __call__(self, batch: list[Prepared]) -> list[dict[str, Any]]:
+        torch = self._torch
+        pixels = torch.from_numpy(np.stack([item.pixels for item in batch]))  # (B, 3, H, W)
+        if self.device.type == "cuda":
+            # Pinned memory lets the copy overlap with the previous batch's work.
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        mean, std = self._encode(self.vae, pixels, self.vae_dtype)
+        if self.vae_dtype != torch.float32 and not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            # Half-precision VAEs (SDXL's above all) can overflow; redo this batch in fp32 and count it.
+            self.nan_fallbacks += 1
+            if self._fp32_vae is None:
+                import copy
+
+                self._fp32_vae = copy.deepcopy(self.vae).to(torch.float32)
+            mean, std = self._encode(self._fp32_vae, pixels, torch.float32)
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise FloatingPointError("the VAE returned NaN or inf even in float32")
+        mean, std = mean.to(self.store_dtype).cpu(), std.to(self.store_dtype).cpu()
+        outputs = []
+        for index, item in enumerate(batch):
+            tensors = {"mean": mean[index].contiguous(), "std": std[index].contiguous()}
+            if item.mask is not None:
+                tensors["mask"] = torch.from_numpy(item.mask).to(self.store_dtype)
+            outputs.append(tensors)
+        return outputs
+
+
+def _meta(entry: Entry, tensors: dict[str, Any], store_dtype: str) -> dict[str, Any]:
+    geometry, image = entry.geometry, entry.image
+    # SDXL's time ids: original (h, w), the crop's top-left in the resized image, and the target (h, w).
+    return {
+        "kind": "latent", "image_id": image["image_id"], "flip": entry.flip, "bucket": entry.bucket,
+        "shape": list(tensors["mean"].shape), "dtype": store_dtype, "has_mask": "mask" in tensors,
+        "original_size": [image["height"], image["width"]],
+        "crop_top_left": [geometry["crop_top"], geometry["crop_left"]],
+        "target_size": [geometry["bucket_h"], geometry["bucket_w"]],
+    }
+
+
+class ShardBuffer:
+    """Collects encoded samples per bucket and writes a shard when it is full, as pack() would cut it."""
+
+    def __init__(self, store: LatentStore, max_count: int, max_bytes: int):
+        self.store, self.max_count, self.max_bytes = store, max_count, max_bytes
+        self.group: str | None = None
+        self.samples: list[Sample] = []
+        self.payload_bytes = 0
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def add(self, group: str, sample: Sample) -> None:
+        size = len(sample.payload())
+        if self.samples and (group != self.group or self.payload_bytes + size > self.max_bytes):
+            self.flush()
+        self.group = group
+        sample.raw = sample.payload()
+        self.samples.append(sample)
+        self.payload_bytes += size
+        if len(self.samples) >= self.max_count:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.samples:
+            self.rows.update(self.store.write_shard(self.group or "", self.samples))
+        self.samples, self.payload_bytes = [], 0
+
+
+def encode_entries(
+    entries: list[Entry], encoder: Any, store: LatentStore, cfg: CacheParams, data_root: Path,
+    interpolation: str, downsample: int, result: CacheResult,
+) -> dict[str, dict[str, Any]]:
+    """Encode entries (sorted by bucket) in single-bucket batches, writing shards as they fill."""
+    by_bucket: dict[str, list[Entry]] = {}
+    for entry in entries:
+        by_bucket.setdefault(entry.bucket, []).append(entry)
+    batches = [batch for bucket in sorted(by_bucket) for batch in chunks(by_bucket[bucket], cfg.batch_size)]
+    buffer = ShardBuffer(store, cfg.shard_max_count, cfg.shard_max_bytes)
+    outcomes = run_batched(
+        batches, lambda entry: prepare(entry, data_root, interpolation, downsample), encoder, cfg.workers,
+        label=lambda entry: entry.image["path"] + (" (flipped)" if entry.flip else ""), desc="cache",
+    )
+    for outcome in outcomes:
+        if outcome.error:
+            result.failures.append(outcome.error)
+            continue
+        entry = outcome.item
+        buffer.add(entry.bucket, Sample(entry.cache_key, outcome.output, _meta(entry, outcome.output, cfg.dtype)))
+    buffer.flush()
+    return buffer.rows
+
+
+def _encode_dtypes(cfg: CacheParams, device: Any) -> tuple[Any, Any]:
+    import torch
+
+    vae_dtype = cfg.vae_dtype
+    if vae_dtype == "auto":
+        vae_dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    return getattr(torch, vae_dtype), getattr(torch, cfg.dtype)
+
+
+def _device(cfg: CacheParams, state: Any) -> Any:
+    if cfg.device == "auto":
+        return state.device  # under accelerate launch: this rank's GPU, else CUDA when available, else CPU
+    from pipeline.inference import resolve_device
+
+    return resolve_device(cfg.device, "float32")[0]
+
+
+def run(cfg: CacheParams, base: str, interpolation: str, paths: CachePaths, gc: bool = False) -> CacheResult:
+    """Bring the latent store up to date with buckets.parquet: verify, adopt, encode what is missing."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    for table in (paths.images, paths.buckets):
+        if not table.is_file():
+            raise KilnError(f"{table}: not found; run `kiln scan` and `kiln bucket` first")
+    images, buckets = read_table(paths.images), read_table(paths.buckets)
+    loaded = load_vae(cfg.vae or base, "cache.vae" if cfg.vae else "model.base")
+    device = _device(cfg, state)
+    vae_dtype, store_dtype = _encode_dtypes(cfg, device)
+    entries = plan(images, buckets, cfg, interpolation, loaded.fingerprint, str(vae_dtype), paths.data_root)
+    wanted = {entry.cache_key for entry in entries}
+    store = LatentStore(paths.store)
+    result = CacheResult(buckets=dict(sorted(Counter(entry.bucket for entry in entries).items())))
+
+    lock = store.lock(cfg.lock_timeout) if state.is_main_process else contextlib.nullcontext()
+    with lock:
+        if state.is_main_process:
+            verification = store.verify(store.load_index())
+            result.repaired = verification.repaired
+            result.adopted = store.adopt_orphans(verification.rows)
+            store.write_index(verification.rows)
+        state.wait_for_everyone()
+        before = store.load_index()
+        missing = [entry for entry in entries if entry.cache_key not in before]
+        mine = missing[state.process_index :: state.num_processes]
+        encoder = Encoder(loaded, device, vae_dtype, store_dtype)
+        written = encode_entries(mine, encoder, store, cfg, paths.data_root, interpolation, loaded.downsample, result)
+        result.nan_fallbacks = encoder.nan_fallbacks
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return result
+        rows = {**before, **written}
+        store.adopt_orphans(rows)  # the other ranks' shards
+        result.encoded = len(set(rows) - set(before))
+        result.reused = len(wanted & set(before))
+        result.garbage = len(set(rows) - wanted)
+        if gc:
+            rows = store.compact(rows, wanted, cfg.shard_max_count, cfg.shard_max_bytes)
+            result.collected, result.garbage = result.garbage, 0
+        store.write_index(rows)
+        store.write_summary(result.summary())
+    return result

@@ -1,0 +1,66 @@
+"""Loading the Stable Diffusion models a stage needs from `model.base` (or an override).
+
+One loader for every stage: a diffusers folder, a single .safetensors/.ckpt file (diffusers'
+from_single_file; .ckpt is read by diffusers with torch.load(weights_only=True), never unpickled), a hub
+id that is cached or reachable, or a built-in `tiny-sd15` / `tiny-sdxl` preset.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import KilnError
+from pipeline.inference import fingerprint, resolve_model
+
+
+@dataclass
+class LoadedVAE:
+    vae: Any
+    fingerprint: str
+    name: str
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per latent cell: 2 ** (levels - 1), 8 for every SD family."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+
+def _vae_folder(folder: Path) -> Path | None:
+    """The folder holding an AutoencoderKL config: `<pipeline>/vae` or a VAE-only folder."""
+    for candidate in (folder / "vae", folder):
+        config = candidate / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("_class_name") == "AutoencoderKL":
+            return candidate
+    return None
+
+
+def load_vae(spec: str, key: str) -> LoadedVAE:
+    """The VAE of a model spec, in float32 on the CPU; its fingerprint hashes only the VAE's files."""
+    from diffusers import AutoencoderKL
+
+    model = resolve_model(spec, key)
+    try:
+        if model.folder.is_file():
+            vae = AutoencoderKL.from_single_file(str(model.folder))
+            identity = fingerprint(model.folder)
+        else:
+            folder = _vae_folder(model.folder)
+            if folder is None:
+                raise KilnError(
+                    f"{key}: {model.folder} holds no VAE (no vae/config.json or AutoencoderKL config.json); "
+                    "point it at a diffusers model folder, a VAE folder or a single .safetensors file"
+                )
+            vae = AutoencoderKL.from_pretrained(folder)
+            identity = fingerprint(folder)
+    except KilnError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise KilnError(f"{key}: cannot load a VAE from {model.folder} ({exc.__class__.__name__}: {exc})") from None
+    return LoadedVAE(vae.eval().requires_grad_(False), identity, model.name)

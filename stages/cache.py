@@ -1,0 +1,44 @@
+"""`kiln cache`: encode bucketed crops with the VAE into the latent store, data/latents/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline import cache
+from stages.common import ParamsOption, SetOption, console, load, run_single, user_errors
+
+
+@user_errors
+def main(
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    gc: Annotated[bool, typer.Option("--gc", help="Compact the store: drop latents no current input uses.")] = False,
+    buckets: Annotated[Path, typer.Option(help="The bucket stage's table.")] = Path("data/bucket/buckets.parquet"),
+    images: Annotated[Path, typer.Option(help="The scan stage's image table.")] = Path("data/scan/images.parquet"),
+    data_root: Annotated[Path, typer.Option(help="The folder image paths are relative to.")] = Path("data/raw"),
+    store: Annotated[Path, typer.Option(help="The latent store (shards, index.parquet).")] = Path("data/latents"),
+) -> None:
+    """Encode every bucketed crop with the VAE of model.base (or cache.vae) into sharded tars.
+
+    Only latents the store lacks are encoded; damaged shards are detected and re-encoded; a killed run
+    resumes where it stopped. Run on several GPUs with `accelerate launch --num_processes N -m stages.cache`.
+    """
+    loaded = load(params, overrides)
+    result = cache.run(
+        loaded.cache, loaded.model.base, loaded.bucket.interpolation,
+        cache.CachePaths(buckets, images, data_root, store), gc=gc,
+    )
+    console.print(
+        f"cache: {result.encoded} encoded, {result.reused} reused, {result.repaired} repaired, "
+        f"{result.garbage} garbage" + (f", {result.collected} collected" if gc else "")
+        + (f", {result.nan_fallbacks} batches re-encoded in fp32" if result.nan_fallbacks else "")
+    )
+    for failure in result.failures:
+        console.print(f"  [red]failed[/] {failure}")
+
+
+if __name__ == "__main__":
+    run_single(main)

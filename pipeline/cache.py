@@ -10,7 +10,6 @@ encodes all. Under `accelerate launch`, each rank encodes a disjoint slice and r
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "area": Image.Resampling.BOX, "
 @dataclass(frozen=True)
 class CachePaths:
     buckets: Path
-    images: Path
+    files: Path  # data/scan/files.parquet: paths, sizes, masks; no captions
     data_root: Path
     store: Path
 
@@ -84,13 +83,9 @@ class CacheResult:
         }
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def plan(
     images: list[dict[str, Any]], buckets: list[dict[str, Any]], cfg: CacheParams, interpolation: str,
-    vae_identity: str, vae_dtype: str, data_root: Path,
+    vae_identity: str, vae_dtype: str,
 ) -> list[Entry]:
     """Every latent the current inputs call for, sorted by (bucket, cache_key)."""
     by_id = {row["image_id"]: row for row in images}
@@ -99,11 +94,11 @@ def plan(
         image = by_id.get(geometry["image_id"])
         if image is None:
             raise KilnError(
-                f"buckets.parquet lists image {geometry['image_id'][:12]}… that images.parquet lacks; rerun `kiln bucket`"
+                f"buckets.parquet lists image {geometry['image_id'][:12]}… that files.parquet lacks; rerun `kiln bucket`"
             )
         mask, mask_identity = None, None
         if cfg.masks and image["mask_path"]:
-            mask, mask_identity = "file", _file_digest(data_root / image["mask_path"])
+            mask, mask_identity = "file", image["mask_sha256"]
         elif cfg.masks and image["has_alpha"]:
             mask, mask_identity = "alpha", "alpha"  # the alpha is part of the image bytes, so of image_id
         flips = [False, True] if cfg.flip_latents or (image["flip_p"] or 0) > 0 else [False]
@@ -276,14 +271,14 @@ def run(cfg: CacheParams, base: str, interpolation: str, paths: CachePaths, gc: 
     from accelerate import PartialState
 
     state = PartialState()
-    for table in (paths.images, paths.buckets):
+    for table in (paths.files, paths.buckets):
         if not table.is_file():
             raise KilnError(f"{table}: not found; run `kiln scan` and `kiln bucket` first")
-    images, buckets = read_table(paths.images), read_table(paths.buckets)
+    images, buckets = read_table(paths.files), read_table(paths.buckets)
     loaded = load_vae(cfg.vae or base, "cache.vae" if cfg.vae else "model.base")
     device = _device(cfg, state)
     vae_dtype, store_dtype = _encode_dtypes(cfg, device)
-    entries = plan(images, buckets, cfg, interpolation, loaded.fingerprint, str(vae_dtype), paths.data_root)
+    entries = plan(images, buckets, cfg, interpolation, loaded.fingerprint, str(vae_dtype))
     wanted = {entry.cache_key for entry in entries}
     store = LatentStore(paths.store)
     result = CacheResult(buckets=dict(sorted(Counter(entry.bucket for entry in entries).items())))

@@ -223,7 +223,7 @@ def _infer_batch(
 
 @dataclass(frozen=True)
 class ModelStagePaths:
-    """A model stage reads images.parquet and the image files, and keeps its cache in its out_dir."""
+    """A model stage reads a scan table (images or files.parquet) and the image files; its cache is in out_dir."""
 
     images: Path
     data_root: Path

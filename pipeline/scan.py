@@ -76,6 +76,22 @@ IMAGES_SCHEMA = pa.schema(
     ]
 )
 
+# What the pixel stages (tag, cache) need, and nothing a caption edit changes: those stages depend on
+# this table instead of images.parquet, so DVC does not rerun them when only text changed.
+FILES_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("path", pa.string()),
+        ("subset", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("has_alpha", pa.bool_()),
+        ("mask_path", pa.string()),
+        ("mask_sha256", pa.string()),
+        ("flip_p", pa.float64()),
+    ]
+)
+
 REJECTED_SCHEMA = pa.schema([("path", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
 
 PROBE_SCHEMA = pa.schema(
@@ -108,6 +124,10 @@ class ScanPaths:
     @property
     def images(self) -> Path:
         return self.out_dir / "images.parquet"
+
+    @property
+    def files(self) -> Path:
+        return self.out_dir / "files.parquet"
 
     @property
     def rejected(self) -> Path:
@@ -625,13 +645,28 @@ def scan(
     return result, new_cache
 
 
+def file_rows(images: list[dict[str, Any]], data_root: Path) -> list[dict[str, Any]]:
+    """files.parquet: per image, what determines its pixels (and its mask's), sorted by image_id."""
+    rows = []
+    for image in sorted(images, key=lambda row: row["image_id"]):
+        mask = image["mask_path"]
+        rows.append(
+            {
+                **{name: image[name] for name in FILES_SCHEMA.names if name in image},
+                "mask_sha256": hashlib.sha256((data_root / mask).read_bytes()).hexdigest() if mask else None,
+            }
+        )
+    return rows
+
+
 def run(cfg: ScanParams, paths: ScanPaths) -> ScanResult:
-    """Scan paths.data_root and write images.parquet, rejected.parquet, summary.json and the probe cache."""
+    """Scan paths.data_root; write images.parquet, files.parquet, rejected.parquet, summary.json, probe cache."""
     def save_probes(rows: list[dict[str, Any]]) -> None:
         write_table(rows, PROBE_SCHEMA, paths.probe_cache)
 
     result, new_cache = scan(paths.data_root, cfg, _load_probe_cache(paths.probe_cache), save_probes)
     write_table(result.images, IMAGES_SCHEMA, paths.images)
+    write_table(file_rows(result.images, paths.data_root), FILES_SCHEMA, paths.files)
     write_table(result.rejected, REJECTED_SCHEMA, paths.rejected)
     write_json(result.summary, paths.summary)
     write_table(new_cache, PROBE_SCHEMA, paths.probe_cache)

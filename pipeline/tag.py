@@ -256,6 +256,7 @@ def run(cfg: TagParams, paths: TagPaths, tagger_factory: Any = make_tagger) -> T
     """Write tags.parquet and tag_frequency.json, running the model only for uncached images."""
     if not paths.images.is_file():
         raise KilnError(f"{paths.images}: not found; run `kiln scan` first")
+    # files.parquet (no captions), so a caption edit never reruns tagging.
     images = sorted(read_table(paths.images), key=lambda row: row["image_id"])
     vocabulary = read_vocabulary(cfg.vocabulary) if cfg.backend == "clip" else []
     model = resolve_model(cfg.model, "tag.model")

@@ -17,7 +17,7 @@ def main(
     overrides: SetOption = None,
     gc: Annotated[bool, typer.Option("--gc", help="Compact the store: drop latents no current input uses.")] = False,
     buckets: Annotated[Path, typer.Option(help="The bucket stage's table.")] = Path("data/bucket/buckets.parquet"),
-    images: Annotated[Path, typer.Option(help="The scan stage's image table.")] = Path("data/scan/images.parquet"),
+    files: Annotated[Path, typer.Option(help="The scan stage's file table.")] = Path("data/scan/files.parquet"),
     data_root: Annotated[Path, typer.Option(help="The folder image paths are relative to.")] = Path("data/raw"),
     store: Annotated[Path, typer.Option(help="The latent store (shards, index.parquet).")] = Path("data/latents"),
 ) -> None:
@@ -29,7 +29,7 @@ def main(
     loaded = load(params, overrides)
     result = cache.run(
         loaded.cache, loaded.model.base, loaded.bucket.interpolation,
-        cache.CachePaths(buckets, images, data_root, store), gc=gc,
+        cache.CachePaths(buckets, files, data_root, store), gc=gc,
     )
     console.print(
         f"cache: {result.encoded} encoded, {result.reused} reused, {result.repaired} repaired, "

@@ -15,7 +15,7 @@ from stages.common import ParamsOption, SetOption, console, load, run_single, us
 def main(
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
-    images: Annotated[Path, typer.Option(help="The scan stage's image table.")] = Path("data/scan/images.parquet"),
+    files: Annotated[Path, typer.Option(help="The scan stage's file table.")] = Path("data/scan/files.parquet"),
     data_root: Annotated[Path, typer.Option(help="The folder image paths are relative to.")] = Path("data/raw"),
     out: Annotated[Path, typer.Option(help="Where tags.parquet, tag_frequency.json and the cache go.")] = Path(
         "data/tag"
@@ -26,7 +26,7 @@ def main(
     Tags are cached per image, model and thresholds: a rerun only tags new images.
     """
     cfg = load(params, overrides).tag
-    result = tag.run(cfg, tag.TagPaths(images, data_root, out))
+    result = tag.run(cfg, tag.TagPaths(files, data_root, out))
     top = sorted(
         ((name, count) for counts in result.frequency.values() for name, count in counts.items()),
         key=lambda item: -item[1],

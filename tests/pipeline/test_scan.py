@@ -340,10 +340,12 @@ def test_damaged_probe_cache_is_rebuilt(demo_root, tmp_path, caplog):
 def test_caption_edit_changes_images_table_only_in_caption(demo_root, tmp_path):
     paths = ScanPaths(demo_root, tmp_path / "out")
     before = {row["path"]: row for row in read_table_after(run, paths)}
+    files_before = paths.files.read_bytes()
     (demo_root / "train/10_sks circle/circle_01.txt").write_text("an edited caption\n")
     after = {row["path"]: row for row in read_table_after(run, paths)}
     changed = {path for path in before if before[path] != after[path]}
     assert changed == {"train/10_sks circle/circle_01.png"}
+    assert paths.files.read_bytes() == files_before  # the pixel stages' input did not change
     assert after["train/10_sks circle/circle_01.png"]["caption"] == "an edited caption"
 
 
@@ -392,3 +394,15 @@ def test_interrupted_scan_keeps_decoded_images_and_resumes(demo_root, tmp_path, 
     assert (resumed.probed, resumed.reused) == (17, 5)
     assert len(read_table(paths.images)) == 22
 
+
+
+def test_files_table_has_pixels_identity_and_mask_digest(demo_root, tmp_path):
+    paths = ScanPaths(demo_root, tmp_path / "out")
+    run(ScanParams(workers=1), paths)
+    files = {row["path"]: row for row in read_table(paths.files)}
+    assert set(files) == {row["path"] for row in read_table(paths.images)}
+    masked = files["train/10_sks circle/circle_03.png"]
+    mask_bytes = (demo_root / "train/10_sks circle/circle_03-masklabel.png").read_bytes()
+    assert masked["mask_sha256"] == hashlib.sha256(mask_bytes).hexdigest()
+    assert files["train/10_sks circle/circle_05.png"]["flip_p"] == 0.5
+    assert "caption" not in files["train/10_sks circle/circle_05.png"]

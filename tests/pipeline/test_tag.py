@@ -106,7 +106,7 @@ def test_formatting_options(constant_tagger):
 
 
 def test_stage_outputs_cache_and_frequency(scanned_demo, demo_source, tmp_path, constant_tagger):
-    paths = TagPaths(scanned_demo, demo_source, tmp_path / "tag")
+    paths = TagPaths(scanned_demo.parent / "files.parquet", demo_source, tmp_path / "tag")
     calls = []
 
     def counting(folder, cfg, vocabulary):
@@ -146,7 +146,7 @@ def test_tiny_wd14_preset_folder_runs(scanned_demo, demo_source, tmp_path):
     folder = tmp_path / "wd14"
     folder.mkdir()
     build_tiny_wd14(folder)
-    result = run(TagParams(model=str(folder), general_threshold=0.0), TagPaths(scanned_demo, demo_source, tmp_path / "t"))
+    result = run(TagParams(model=str(folder), general_threshold=0.0), TagPaths(scanned_demo.parent / "files.parquet", demo_source, tmp_path / "t"))
     assert result.ran == 22 and all(row["tags"] for row in result.rows)
 
 
@@ -159,7 +159,7 @@ def test_clip_zero_shot_matches_an_independent_cosine(tmp_path, scanned_demo, de
     vocabulary = tmp_path / "vocab.txt"
     vocabulary.write_text("# shapes\ncircle\nsquare\ntriangle\nred\ncircle\n")
     cfg = TagParams(backend="clip", model=str(folder), vocabulary=str(vocabulary), clip_threshold=-1.0, top_k=2)
-    result = run(cfg, TagPaths(scanned_demo, demo_source, tmp_path / "t"))
+    result = run(cfg, TagPaths(scanned_demo.parent / "files.parquet", demo_source, tmp_path / "t"))
     assert all(len(row["tags"]) == 2 for row in result.rows)
     assert all(row["scores"][0] >= row["scores"][1] for row in result.rows)
 

@@ -124,7 +124,8 @@ def prepare(entry: Entry, data_root: Path, interpolation: str, downsample: int) 
     """Decode, resize to cover the bucket, crop, maybe flip, and scale to [-1, 1]; the mask likewise."""
     rgb, alpha = load_rgb_and_alpha(data_root / entry.image["path"])
     crop = _crop(rgb, entry.geometry, entry.flip, RESAMPLE[interpolation])
-    pixels = np.asarray(crop, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    # (H, W, 3) -> (3, H, W), made contiguous: a transposed view would reach the VAE as channels-last.
+    pixels = np.ascontiguousarray(np.asarray(crop, dtype=np.float32).transpose(2, 0, 1)) / 127.5 - 1.0
     mask_image = None
     if entry.mask == "file":
         with Image.open(data_root / entry.image["mask_path"]) as opened:

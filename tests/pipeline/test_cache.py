@@ -344,3 +344,31 @@ def test_distributed_two_processes_equal_one(project, tmp_path):
         for name in a:
             # Ranks batch differently, so a value may land one fp16 step away (under 4e-3 at |x| < 4).
             torch.testing.assert_close(a[name].float(), b[name].float(), atol=4e-3, rtol=0)
+
+
+def test_half_precision_nan_batch_is_reencoded_in_fp32():
+    from types import SimpleNamespace
+
+    from pipeline.cache import Encoder, Prepared
+    from pipeline.models import LoadedVAE
+
+    class HalfOverflowVAE(torch.nn.Module):
+        """Returns inf when run in bfloat16, as an SDXL VAE can overflow in half precision."""
+
+        config = SimpleNamespace(block_out_channels=[1, 1, 1, 1], scaling_factor=1.0)
+
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def encode(self, pixels):
+            mean = pixels[:, :, ::8, ::8].mean(1, keepdim=True).repeat(1, 4, 1, 1) * self.scale
+            if pixels.dtype == torch.bfloat16:
+                mean = mean + float("inf")
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, std=torch.ones_like(mean)))
+
+    encoder = Encoder(LoadedVAE(HalfOverflowVAE(), "x", "stub"), "cpu", torch.bfloat16, torch.float16)
+    batch = [Prepared(None, np.full((3, 16, 16), 0.5, np.float32), None) for _ in range(2)]
+    outputs = encoder(batch)
+    assert encoder.nan_fallbacks == 1
+    assert torch.equal(outputs[0]["mean"], torch.full((4, 2, 2), 0.5, dtype=torch.float16))

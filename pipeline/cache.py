@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageOps
 
 from pipeline.errors import KilnError
@@ -24,12 +25,14 @@ from pipeline.inference import cache_key, chunks, load_rgb_and_alpha, run_batche
 from pipeline.latents import LatentStore, Sample
 from pipeline.models import LoadedVAE, load_vae
 from pipeline.params import CacheParams
-from pipeline.tables import read_table
+from pipeline.tables import read_table, write_table
 
 log = logging.getLogger(__name__)
 
 # Bump when what a sample holds, or how it is computed, changes: every old key then becomes garbage.
 CACHE_FORMAT_VERSION = 1
+# data/latents/keys.parquet: the keys the current inputs resolve to, for balance to look up.
+KEYS_SCHEMA = pa.schema([("image_id", pa.string()), ("flip", pa.bool_()), ("cache_key", pa.string())])
 RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "area": Image.Resampling.BOX, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -39,6 +42,10 @@ class CachePaths:
     files: Path  # data/scan/files.parquet: paths, sizes, masks; no captions
     data_root: Path
     store: Path
+
+    @property
+    def keys(self) -> Path:
+        return self.store / "keys.parquet"
 
 
 @dataclass(frozen=True)
@@ -310,5 +317,8 @@ def run(cfg: CacheParams, base: str, interpolation: str, paths: CachePaths, gc: 
             rows = store.compact(rows, wanted, cfg.shard_max_count, cfg.shard_max_bytes)
             result.collected, result.garbage = result.garbage, 0
         store.write_index(rows)
+        keys = sorted(({"image_id": e.image["image_id"], "flip": e.flip, "cache_key": e.cache_key} for e in entries),
+                      key=lambda row: (row["image_id"], row["flip"]))
+        write_table(keys, KEYS_SCHEMA, paths.keys)
         store.write_summary(result.summary())
     return result

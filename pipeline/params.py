@@ -398,6 +398,46 @@ class CacheParams(Section):
     """Seconds to wait for another `kiln cache` writing the same store before giving up; 0 refuses at once."""
 
 
+CAPTION_FIELDS = ("caption", "tags", "class_tokens")
+
+
+class BalanceParams(Section):
+    SECTION: ClassVar[str] = "balance"
+
+    caption_template: str = "{caption}, {tags}"
+    """How an image's training caption is built from {caption} (sidecar, yaml or model caption), {tags}
+    (yaml and tagger tags) and {class_tokens}. Repeated comma-separated parts are dropped; an empty
+    result falls back to the class tokens."""
+
+    caption_prefix: str = ""
+    """Put before every caption, e.g. a trigger word."""
+
+    caption_suffix: str = ""
+    """Put after every caption."""
+
+    reg_mode: Literal["kohya", "ratio", "none"] = "kohya"
+    """How many times regularisation images train per epoch. `kohya`: reg repeats are raised in turn
+    until they equal the train images' total repeats, as kohya's DreamBooth does; `ratio`: until they
+    equal reg_ratio x that total; `none`: each reg image at its own folder repeats."""
+
+    reg_ratio: float = Field(1.0, ge=0)
+    """For reg_mode `ratio`: reg samples per epoch as a fraction of train samples."""
+
+    prior_loss_weight: float = Field(1.0, ge=0)
+    """Loss weight of regularisation samples (kohya `prior_loss_weight`); train samples weigh 1."""
+
+    @field_validator("caption_template")
+    @classmethod
+    def _known_fields(cls, value: str) -> str:
+        import string
+
+        names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+        unknown = [name for name in names if name not in CAPTION_FIELDS]
+        if unknown:
+            raise ValueError(f"unknown field {{{unknown[0]}}}; use {', '.join('{' + f + '}' for f in CAPTION_FIELDS)}")
+        return value
+
+
 class TrainParams(Section):
     SECTION: ClassVar[str] = "train"
 
@@ -408,7 +448,42 @@ class TrainParams(Section):
     """Images per optimizer micro-step; every batch comes from one bucket (kohya `train_batch_size`)."""
 
     seed: int = 42
-    """Seed for noise, timesteps and the epoch order."""
+    """Seed for noise, timesteps, the epoch order and every per-sample draw."""
+
+    bucket_remainder: Literal["fill", "drop", "partial"] = "fill"
+    """A bucket's last, short batch: `fill` tops it up with random images of the same bucket (as
+    EveryDream2 does), `drop` skips it, `partial` trains it short."""
+
+    write_schedule: bool = False
+    """Write each epoch's batches (bucket, image ids) to the run's logs folder (EveryDream2)."""
+
+    latent_sampling: Literal["sample", "mean"] = "sample"
+    """`sample`: draw a fresh latent from the cached mean and std every step; `mean`: use the mean."""
+
+    flip_p: float = Field(0.0, ge=0, le=1)
+    """Chance of training the horizontally flipped latent; an image's yaml flip_p overrides it. Needs
+    flipped latents in the cache (cache.flip_latents)."""
+
+    cond_dropout: float = Field(0.0, ge=0, le=1, validation_alias=_aliases("cond_dropout", "caption_dropout_rate"))
+    """Chance of training with an empty caption (EveryDream2 `cond_dropout`, kohya `caption_dropout_rate`)."""
+
+    shuffle_tags: bool = Field(False, validation_alias=_aliases("shuffle_tags", "shuffle_caption"))
+    """Shuffle the comma-separated parts of the caption after the first keep_tags (EveryDream2
+    `shuffle_tags`, kohya `shuffle_caption`)."""
+
+    keep_tags: int = Field(0, ge=0, validation_alias=_aliases("keep_tags", "keep_tokens"))
+    """Leading caption parts that never move or drop (EveryDream2 `keep_tags`, kohya `keep_tokens`)."""
+
+    caption_tag_dropout_rate: float = Field(0.0, ge=0, le=1)
+    """Chance of dropping each caption part after the kept ones (kohya)."""
+
+    minibatch_repeat: int = Field(1, ge=1)
+    """Repeat each sample this many times within its batch, each copy with its own noise and timestep
+    (sd-trainer)."""
+
+    workers: int = Field(2, ge=0, validation_alias=_aliases("workers", "max_data_loader_n_workers"))
+    """DataLoader worker processes reading latents (kohya `max_data_loader_n_workers`); 0 reads in the
+    training process."""
 
 
 class Params(BaseModel):
@@ -422,6 +497,7 @@ class Params(BaseModel):
     tag: TagParams = Field(default_factory=TagParams)
     bucket: BucketParams = Field(default_factory=BucketParams)
     cache: CacheParams = Field(default_factory=CacheParams)
+    balance: BalanceParams = Field(default_factory=BalanceParams)
     train: TrainParams = Field(default_factory=TrainParams)
 
 

@@ -197,11 +197,15 @@ class Encoder:
 def _meta(entry: Entry, tensors: dict[str, Any], store_dtype: str) -> dict[str, Any]:
     geometry, image = entry.geometry, entry.image
     # SDXL's time ids: original (h, w), the crop's top-left in the resized image, and the target (h, w).
+    # A flipped crop's left edge is measured from the mirrored side, as kohya computes it.
+    left = geometry["crop_left"]
+    if entry.flip:
+        left = geometry["resize_w"] - left - geometry["bucket_w"]
     return {
         "kind": "latent", "image_id": image["image_id"], "flip": entry.flip, "bucket": entry.bucket,
         "shape": list(tensors["mean"].shape), "dtype": store_dtype, "has_mask": "mask" in tensors,
         "original_size": [image["height"], image["width"]],
-        "crop_top_left": [geometry["crop_top"], geometry["crop_left"]],
+        "crop_top_left": [geometry["crop_top"], left],
         "target_size": [geometry["bucket_h"], geometry["bucket_w"]],
     }
 

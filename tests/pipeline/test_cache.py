@@ -310,7 +310,10 @@ def test_tiny_sdxl_stores_time_id_fields(project):
     for row in project.index().values():
         image, geometry = images[row["image_id"]], buckets[row["image_id"]]
         assert row["original_size"] == [image["height"], image["width"]]
-        assert row["crop_top_left"] == [geometry["crop_top"], geometry["crop_left"]]
+        left = geometry["crop_left"]
+        if row["flip"]:  # measured from the mirrored side
+            left = geometry["resize_w"] - left - geometry["bucket_w"]
+        assert row["crop_top_left"] == [geometry["crop_top"], left]
         assert row["target_size"] == [geometry["bucket_h"], geometry["bucket_w"]]
 
 

@@ -1,0 +1,106 @@
+import shutil
+
+import pytest
+
+from pipeline.balance import BalancePaths, balance_reg_repeats, build_plan, compose_caption, run
+from pipeline.errors import KilnError
+from pipeline.params import BalanceParams, TrainParams
+from pipeline.tables import read_table
+from tests.pipeline.test_cache import Project
+
+
+@pytest.mark.parametrize(
+    ("reg", "target", "expected", "unused"),
+    [
+        # reg fewer than train: T = 10 over 3 reg images of 1 repeat -> 3, then +1 each in turn.
+        ([1, 1, 1], 10, [4, 3, 3], 0),
+        # reg more than train: T = 2 is met by the first two; the other three are unused.
+        ([1, 1, 1, 1, 1], 2, [1, 1, 0, 0, 0], 3),
+        # zero reg images.
+        ([], 10, [], 0),
+        # two reg folders, repeats 2 and 1, in path order A1 A2 B1: 2+2+1 = 5, then 3,3,2 = 8, then 4,4 = 10.
+        ([2, 2, 1], 10, [4, 4, 2], 0),
+        # the first pass overshoots: registered with its own repeats, as kohya does.
+        ([3, 3], 4, [3, 3], 0),
+    ],
+)
+def test_kohya_reg_balancing(reg, target, expected, unused):
+    assert balance_reg_repeats(reg, target) == (expected, unused)
+
+
+def test_compose_caption():
+    cfg = BalanceParams(caption_prefix="ohwx", caption_suffix="best quality")
+    assert compose_caption("a dog, red", ["red", "grass"], "sks dog", cfg) == "ohwx, a dog, red, grass, best quality"
+    assert compose_caption("", [], "sks dog", BalanceParams()) == "sks dog"
+    cfg = BalanceParams(caption_template="{class_tokens}, {caption}")
+    assert compose_caption("a dog", ["x"], "sks dog", cfg) == "sks dog, a dog"
+
+
+def test_unknown_template_field_is_a_params_error():
+    from pipeline.errors import ParamsError
+    from pipeline.params import validate_params
+
+    with pytest.raises(ParamsError, match=r"balance.caption_template: unknown field \{tag\}"):
+        validate_params({"balance": {"caption_template": "{caption}, {tag}"}})
+
+
+@pytest.fixture(scope="module")
+def project(demo_source, tmp_path_factory):
+    root = tmp_path_factory.mktemp("balance")
+    shutil.copytree(demo_source, root / "raw")
+    built = Project(root).prepare()
+    built.cache()
+    return built
+
+
+def paths_of(project, out):
+    return BalancePaths(
+        project.scan_paths.images, project.bucket_paths.buckets, project.paths.keys,
+        project.paths.store / "index.parquet", None, None, out,
+    )
+
+
+def test_plan_from_the_demo(project, tmp_path):
+    result = run(BalanceParams(prior_loss_weight=0.5), TrainParams(batch_size=2), paths_of(project, tmp_path))
+    rows = {row["path"]: row for row in read_table(tmp_path / "plan.parquet")}
+    assert len(rows) == 22
+    assert rows["train/10_sks circle/circle_01.png"]["repeats"] == 10
+    assert rows["train/5_sks square/square_04.png"]["repeats"] == 7.5  # 5 repeats x multiply 1.5
+    assert rows["train/5_sks square/square_04.png"]["loss_weight"] == 0.8  # yaml loss_scale
+    assert rows["reg/1_shape/shape_01.png"]["loss_weight"] == 0.5
+    assert rows["train/10_sks circle/circle_05.png"]["flip_cache_key"] is not None
+    # T = 8 x 10 + 5 x 5 + 7.5 = 112.5; 8 reg images reach it after 14 passes: 113.
+    assert sum(row["repeats"] for row in rows.values() if row["is_reg"]) == 113
+    assert result.summary["samples_per_epoch"] == 225.5
+    assert result.summary["train_images"] == 14 and result.summary["reg_images"] == 8
+    assert rows["reg/1_shape/shape_06.png"]["caption"] == "a shape, a purple square"
+    assert rows["train/10_sks circle/circle_05.png"]["caption"] == "a sks circle, purple, flat colour, gradient"
+    assert rows["train/5_sks square/square_01.png"]["batch_id"] == "squares"
+
+
+def test_ratio_and_none_modes(project, tmp_path):
+    half = build_plan(paths_of(project, tmp_path), BalanceParams(reg_mode="ratio", reg_ratio=0.5), TrainParams())
+    assert half.summary["reg_samples_per_epoch"] == 57  # first total >= 56.25
+    own = build_plan(paths_of(project, tmp_path), BalanceParams(reg_mode="none"), TrainParams())
+    assert own.summary["reg_samples_per_epoch"] == 8
+
+
+def test_missing_latent_names_the_image_and_says_run_cache(project, tmp_path):
+    import pyarrow.parquet as pq
+
+    keys = read_table(project.paths.keys)
+    trimmed = tmp_path / "keys.parquet"
+    pq.write_table(pq.read_table(project.paths.keys).slice(1), trimmed)
+    paths = BalancePaths(
+        project.scan_paths.images, project.bucket_paths.buckets, trimmed, project.paths.store / "index.parquet",
+        None, None, tmp_path,
+    )
+    path = next(r["path"] for r in read_table(project.scan_paths.images) if r["image_id"] == keys[0]["image_id"])
+    with pytest.raises(KilnError, match=f"{path}: its latent is not in the cache; run `kiln cache`"):
+        build_plan(paths, BalanceParams(), TrainParams())
+
+
+def test_plan_is_byte_identical_on_rerun(project, tmp_path):
+    run(BalanceParams(), TrainParams(), paths_of(project, tmp_path / "a"))
+    run(BalanceParams(), TrainParams(), paths_of(project, tmp_path / "b"))
+    assert (tmp_path / "a/plan.parquet").read_bytes() == (tmp_path / "b/plan.parquet").read_bytes()

@@ -120,7 +120,11 @@ class LatentDataset(torch.utils.data.Dataset):
         flip_p = row["flip_p"] if row["flip_p"] is not None else cfg.flip_p
         flip = bool(rng.random() < flip_p)
         entry = self.index[row["flip_cache_key"] if flip else row["cache_key"]]
-        tensors = load_tensors(self._payload(entry))
+        return self.sample(row_index, entry, load_tensors(self._payload(entry)), rng)
+
+    def sample(self, row_index: int, entry: dict[str, Any], tensors: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        """One training sample from its stored tensors: latent draw, then caption processing."""
+        row, cfg = self.plan[row_index], self.cfg
         latent = tensors["mean"].float()
         if cfg.latent_sampling == "sample":
             generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
@@ -220,3 +224,104 @@ class LatentLoader:
             self.batch_index += 1
             yield batch
         self.epoch, self.batch_index = self.epoch + 1, 0
+
+
+def is_remote(store: str | Path) -> bool:
+    """Shards on object storage or behind a pipe: webdataset URLs such as s3://, https://, pipe:."""
+    return "://" in str(store) or str(store).startswith("pipe:")
+
+
+class StreamingLatentLoader:
+    """Streams shards with webdataset, for stores that only allow sequential reads (object storage).
+
+    One pipeline per bucket, so a batch never mixes sizes; buckets are mixed in proportion to their
+    samples per epoch. The local index (data/latents/index.parquet) lists the shards and checksums.
+    Repeats, flips and caption processing follow the same params as LatentLoader; the order is a seeded
+    shuffle buffer rather than a global permutation, and each rank streams its own share of the shards.
+    """
+
+    def __init__(
+        self, plan_path: Path, index_path: Path, base_url: str, cfg: TrainParams, rank: int = 0, world: int = 1,
+        shuffle_buffer: int = 256,
+    ):
+        self.plan = sorted(read_table(plan_path), key=lambda row: row["image_id"])
+        self.index = {row["cache_key"]: row for row in read_table(index_path)}
+        self.base_url, self.cfg, self.rank, self.world = base_url.rstrip("/"), cfg, rank, world
+        self.shuffle_buffer, self.epoch = shuffle_buffer, 0
+        self.row_of: dict[str, tuple[int, bool]] = {}
+        for number, row in enumerate(self.plan):
+            self.row_of[row["cache_key"]] = (number, False)
+            if row["flip_cache_key"]:
+                self.row_of[row["flip_cache_key"]] = (number, True)
+        self.dataset = LatentDataset(self.plan, Path("."), self.index, cfg)
+
+    def _shards(self, bucket: str) -> list[str]:
+        shards = sorted({self.index[key]["shard"] for key, (row, _) in self.row_of.items() if self.plan[row]["bucket"] == bucket})
+        return [f"{self.base_url}/{shard}" for shard in shards[self.rank :: self.world]]
+
+    def _samples(self, bucket: str, counts: list[int]) -> Any:
+        import webdataset as wds
+
+        epoch, cfg = self.epoch, self.cfg
+
+        def expand(source: Any) -> Any:
+            for sample in source:
+                entry = self.index.get(sample["__key__"])
+                if entry is None or sample["__key__"] not in self.row_of:
+                    continue  # garbage or another plan's latent
+                payload = sample["safetensors"]
+                if hashlib.sha256(payload).hexdigest() != entry["sha256"]:
+                    raise KilnError(
+                        f"{sample['__url__']}: latent {entry['cache_key']} does not match its checksum; the shard "
+                        "is damaged. Rerun `kiln cache` to detect and re-encode it."
+                    )
+                row, flipped = self.row_of[sample["__key__"]]
+                for copy in range(counts[row]):
+                    rng = np.random.default_rng([cfg.seed, epoch, row, copy, SAMPLE_STREAM])
+                    flip_p = self.plan[row]["flip_p"] if self.plan[row]["flip_p"] is not None else cfg.flip_p
+                    # Each copy trains flipped with chance flip_p: it is taken from whichever stream matches.
+                    if bool(rng.random() < flip_p) == flipped:
+                        yield self.dataset.sample(row, entry, load_tensors(payload), rng)
+
+        pipeline = wds.WebDataset(
+            self._shards(bucket), shardshuffle=False, nodesplitter=_this_rank, empty_check=False, seed=cfg.seed + epoch
+        )
+        return pipeline.compose(expand).shuffle(self.shuffle_buffer, rng=random_module(cfg.seed, epoch, bucket))
+
+    def __iter__(self):
+        counts = epoch_counts([row["repeats"] for row in self.plan], self.cfg.seed, self.epoch)
+        per_bucket: dict[str, int] = defaultdict(int)
+        for row, count in zip(self.plan, counts, strict=True):
+            per_bucket[row["bucket"]] += count
+        buckets = sorted(bucket for bucket, total in per_bucket.items() if total)
+        sources = {bucket: iter(self._samples(bucket, counts)) for bucket in buckets}
+        pending: dict[str, list[dict[str, Any]]] = {bucket: [] for bucket in buckets}
+        weights = {bucket: float(per_bucket[bucket]) for bucket in buckets}
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, ORDER_STREAM])
+        while weights:
+            names = sorted(weights)
+            probabilities = np.array([weights[name] for name in names]) / sum(weights.values())
+            bucket = names[int(rng.choice(len(names), p=probabilities))]
+            sample = next(sources[bucket], None)
+            if sample is None:
+                del weights[bucket]
+                if pending[bucket] and self.cfg.bucket_remainder != "drop":
+                    yield collate(pending[bucket], self.cfg.minibatch_repeat)
+                continue
+            pending[bucket].append(sample)
+            if len(pending[bucket]) == self.cfg.batch_size:
+                yield collate(pending[bucket], self.cfg.minibatch_repeat)
+                pending[bucket] = []
+        self.epoch += 1
+
+
+def _this_rank(urls: Any) -> Any:
+    """The shard list is already this rank's share (StreamingLatentLoader._shards)."""
+    return urls
+
+
+def random_module(seed: int, epoch: int, bucket: str) -> Any:
+    """A seeded `random.Random` for webdataset's shuffle buffer (it takes the stdlib interface)."""
+    import random
+
+    return random.Random(f"{seed}:{epoch}:{bucket}")

@@ -188,3 +188,43 @@ def test_corrupt_shard_gives_the_named_error(demo, tmp_path):
     loader = LatentLoader(plan, store, TrainParams(workers=0))
     with pytest.raises(KilnError, match=r"does not match its checksum; the shard is damaged. Rerun `kiln cache`"):
         batches_of(loader, 1)
+
+
+def test_streaming_loader_for_remote_shards(demo):
+    from pipeline.loader import StreamingLatentLoader, is_remote
+
+    assert is_remote("s3://bucket/latents") and is_remote("pipe:curl -s https://x") and not is_remote("data/latents")
+    project, plan = demo
+    index_path = project.paths.store / "index.parquet"
+    cfg = TrainParams(batch_size=3, flip_p=0.5)
+    loader = StreamingLatentLoader(plan, index_path, str(project.paths.store), cfg)
+    batches = list(loader)
+    rows = read_table(plan)
+    counts = epoch_counts([r["repeats"] for r in sorted(rows, key=lambda r: r["image_id"])], 42, 0)
+    assert sum(len(b["image_ids"]) for b in batches) == pytest.approx(sum(counts), abs=10)
+    shapes = {tuple(b["latents"].shape[2:]) for b in batches}  # a batch is one tensor: one size
+    expected = {(int(h) // 8, int(w) // 8) for w, h in (row["bucket"].split("x") for row in rows)}
+    assert shapes == expected  # every bucket streams
+    again = list(StreamingLatentLoader(plan, index_path, str(project.paths.store), cfg))
+    same_batches(batches, again)
+    # Two ranks stream disjoint shards.
+    zero = StreamingLatentLoader(plan, index_path, str(project.paths.store), cfg, rank=0, world=2)
+    one = StreamingLatentLoader(plan, index_path, str(project.paths.store), cfg, rank=1, world=2)
+    for bucket in {row["bucket"] for row in rows}:
+        assert not set(zero._shards(bucket)) & set(one._shards(bucket))
+
+
+def test_streaming_loader_names_a_corrupt_shard(demo, tmp_path):
+    from pipeline.loader import StreamingLatentLoader
+
+    project, plan = demo
+    store = tmp_path / "latents"
+    shutil.copytree(project.paths.store, store)
+    for row in read_table(store / "index.parquet"):
+        shard = store / row["shard"]
+        data = bytearray(shard.read_bytes())
+        data[row["offset"] + 100] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    loader = StreamingLatentLoader(plan, store / "index.parquet", str(store), TrainParams(batch_size=2))
+    with pytest.raises(KilnError, match=r"\.tar: latent [0-9a-f]+ does not match its checksum"):
+        list(loader)

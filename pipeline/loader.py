@@ -325,3 +325,13 @@ def random_module(seed: int, epoch: int, bucket: str) -> Any:
     import random
 
     return random.Random(f"{seed}:{epoch}:{bucket}")
+
+
+def make_loader(
+    plan_path: Path, store: str | Path, index_path: Path, cfg: TrainParams, rank: int = 0, world: int = 1,
+    logs_dir: Path | None = None,
+) -> LatentLoader | StreamingLatentLoader:
+    """Random access for a local store; webdataset streaming for shard URLs (s3://, https://, pipe:)."""
+    if is_remote(store):
+        return StreamingLatentLoader(plan_path, index_path, str(store), cfg, rank, world)
+    return LatentLoader(plan_path, Path(store), cfg, rank, world, logs_dir)

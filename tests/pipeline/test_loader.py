@@ -228,3 +228,12 @@ def test_streaming_loader_names_a_corrupt_shard(demo, tmp_path):
     loader = StreamingLatentLoader(plan, store / "index.parquet", str(store), TrainParams(batch_size=2))
     with pytest.raises(KilnError, match=r"\.tar: latent [0-9a-f]+ does not match its checksum"):
         list(loader)
+
+
+def test_make_loader_picks_streaming_for_urls(demo):
+    from pipeline.loader import StreamingLatentLoader, make_loader
+
+    project, plan = demo
+    index = project.paths.store / "index.parquet"
+    assert isinstance(make_loader(plan, project.paths.store, index, TrainParams()), LatentLoader)
+    assert isinstance(make_loader(plan, "s3://bucket/latents", index, TrainParams()), StreamingLatentLoader)

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from pipeline.errors import KilnError
 from pipeline.inference import cache_key, chunks, load_rgb_and_alpha, run_batched
 from pipeline.latents import LatentStore, Sample
-from pipeline.models import LoadedVAE, load_vae
+from pipeline.models import LoadedVAE, find_vae
 from pipeline.params import CacheParams
 from pipeline.tables import read_table, write_table
 
@@ -287,10 +287,11 @@ def run(cfg: CacheParams, base: str, interpolation: str, paths: CachePaths, gc: 
         if not table.is_file():
             raise KilnError(f"{table}: not found; run `kiln scan` and `kiln bucket` first")
     images, buckets = read_table(paths.files), read_table(paths.buckets)
-    loaded = load_vae(cfg.vae or base, "cache.vae" if cfg.vae else "model.base")
+    # Keys need only the VAE's fingerprint; its weights are loaded only when something must be encoded.
+    source = find_vae(cfg.vae or base, "cache.vae" if cfg.vae else "model.base")
     device = _device(cfg, state)
     vae_dtype, store_dtype = _encode_dtypes(cfg, device)
-    entries = plan(images, buckets, cfg, interpolation, loaded.fingerprint, str(vae_dtype))
+    entries = plan(images, buckets, cfg, interpolation, source.fingerprint, str(vae_dtype))
     wanted = {entry.cache_key for entry in entries}
     store = LatentStore(paths.store)
     result = CacheResult(buckets=dict(sorted(Counter(entry.bucket for entry in entries).items())))
@@ -306,9 +307,12 @@ def run(cfg: CacheParams, base: str, interpolation: str, paths: CachePaths, gc: 
         before = store.load_index()
         missing = [entry for entry in entries if entry.cache_key not in before]
         mine = missing[state.process_index :: state.num_processes]
-        encoder = Encoder(loaded, device, vae_dtype, store_dtype)
-        written = encode_entries(mine, encoder, store, cfg, paths.data_root, interpolation, loaded.downsample, result)
-        result.nan_fallbacks = encoder.nan_fallbacks
+        written: dict[str, dict[str, Any]] = {}
+        if mine:
+            loaded = source.load()
+            encoder = Encoder(loaded, device, vae_dtype, store_dtype)
+            written = encode_entries(mine, encoder, store, cfg, paths.data_root, interpolation, loaded.downsample, result)
+            result.nan_fallbacks = encoder.nan_fallbacks
         state.wait_for_everyone()
         if not state.is_main_process:
             return result

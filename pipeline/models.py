@@ -17,6 +17,28 @@ from pipeline.inference import fingerprint, resolve_model
 
 
 @dataclass
+class VAESource:
+    """Where a VAE's weights are, and their fingerprint; enough to compute cache keys without loading."""
+
+    path: Path  # a VAE folder or a single checkpoint file
+    fingerprint: str
+    name: str
+    key: str
+
+    def load(self) -> LoadedVAE:
+        from diffusers import AutoencoderKL
+
+        try:
+            if self.path.is_file():
+                vae = AutoencoderKL.from_single_file(str(self.path))
+            else:
+                vae = AutoencoderKL.from_pretrained(self.path)
+        except (OSError, ValueError) as exc:
+            raise KilnError(f"{self.key}: cannot load a VAE from {self.path} ({exc.__class__.__name__}: {exc})") from None
+        return LoadedVAE(vae.eval().requires_grad_(False), self.fingerprint, self.name)
+
+
+@dataclass
 class LoadedVAE:
     vae: Any
     fingerprint: str
@@ -41,26 +63,20 @@ def _vae_folder(folder: Path) -> Path | None:
     return None
 
 
-def load_vae(spec: str, key: str) -> LoadedVAE:
-    """The VAE of a model spec, in float32 on the CPU; its fingerprint hashes only the VAE's files."""
-    from diffusers import AutoencoderKL
-
+def find_vae(spec: str, key: str) -> VAESource:
+    """Locate and fingerprint the VAE of a model spec (hashing only the VAE's own files)."""
     model = resolve_model(spec, key)
-    try:
-        if model.folder.is_file():
-            vae = AutoencoderKL.from_single_file(str(model.folder))
-            identity = fingerprint(model.folder)
-        else:
-            folder = _vae_folder(model.folder)
-            if folder is None:
-                raise KilnError(
-                    f"{key}: {model.folder} holds no VAE (no vae/config.json or AutoencoderKL config.json); "
-                    "point it at a diffusers model folder, a VAE folder or a single .safetensors file"
-                )
-            vae = AutoencoderKL.from_pretrained(folder)
-            identity = fingerprint(folder)
-    except KilnError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise KilnError(f"{key}: cannot load a VAE from {model.folder} ({exc.__class__.__name__}: {exc})") from None
-    return LoadedVAE(vae.eval().requires_grad_(False), identity, model.name)
+    if model.folder.is_file():
+        return VAESource(model.folder, fingerprint(model.folder), model.name, key)
+    folder = _vae_folder(model.folder)
+    if folder is None:
+        raise KilnError(
+            f"{key}: {model.folder} holds no VAE (no vae/config.json or AutoencoderKL config.json); "
+            "point it at a diffusers model folder, a VAE folder or a single .safetensors file"
+        )
+    return VAESource(folder, fingerprint(folder), model.name, key)
+
+
+def load_vae(spec: str, key: str) -> LoadedVAE:
+    """The VAE of a model spec, in float32 on the CPU."""
+    return find_vae(spec, key).load()

@@ -375,3 +375,15 @@ def test_half_precision_nan_batch_is_reencoded_in_fp32():
     outputs = encoder(batch)
     assert encoder.nan_fallbacks == 1
     assert torch.equal(outputs[0]["mean"], torch.full((4, 2, 2), 0.5, dtype=torch.float16))
+
+
+def test_a_rerun_with_nothing_to_encode_never_loads_the_vae(project, monkeypatch):
+    from pipeline.models import VAESource
+
+    project.cache()
+
+    def refuse(self):
+        raise AssertionError("the VAE was loaded")
+
+    monkeypatch.setattr(VAESource, "load", refuse)
+    assert project.cache().reused == 23

@@ -1,0 +1,69 @@
+"""LoRA networks through peft, saved in the kohya key format that A1111, ComfyUI and diffusers read.
+
+A kohya key is `lora_unet_` / `lora_te_` (SDXL: `lora_te1_`, `lora_te2_`) plus the module path with dots
+turned into underscores, then `.lora_down.weight`, `.lora_up.weight` and `.alpha`. The strength is
+alpha / dim, as in kohya's networks.lora.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+UNET_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
+TEXT_ENCODER = ["q_proj", "k_proj", "v_proj", "out_proj"]
+ADAPTER = "kiln"
+
+
+def add_lora(model: Any, dim: int, alpha: float, dropout: float, targets: list[str]) -> list[torch.nn.Parameter]:
+    """Inject a peft LoRA adapter; returns its trainable parameters (everything else stays frozen)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model.requires_grad_(False)
+    config = LoraConfig(r=dim, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, init_lora_weights="gaussian")
+    # peft's own injection, not the models' add_adapter wrappers: those pin peft versions that lag the
+    # libraries around them (transformers 5 asks for a peft newer than the registry has).
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    params = [param for name, param in model.named_parameters() if "lora_" in name]
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+def _module_paths(model: Any) -> dict[str, Any]:
+    """peft LoRA layers by their module path in the base model."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def kohya_state_dict(networks: list[tuple[str, Any]], alpha: float, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """networks: (kohya prefix, model with a LoRA adapter), e.g. ("lora_unet", unet), ("lora_te", text_encoder)."""
+    state: dict[str, torch.Tensor] = {}
+    for prefix, model in networks:
+        for path, layer in sorted(_module_paths(model).items()):
+            if prefix.startswith("lora_te") and not path.startswith("text_model."):
+                # transformers 5 moved CLIP's layers from text_model.encoder to encoder; kohya's keys (and
+                # every tool that reads them) keep the text_model_ path.
+                path = f"text_model.{path}"
+            name = f"{prefix}_{path.replace('.', '_')}"
+            down = layer.lora_A[ADAPTER].weight
+            up = layer.lora_B[ADAPTER].weight
+            state[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
+            state[f"{name}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
+            state[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    return state
+
+
+def save_kohya_lora(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Write atomically; every metadata value is a string, as safetensors and kohya require."""
+    strings = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata=strings)
+    tmp.replace(path)

@@ -485,6 +485,101 @@ class TrainParams(Section):
     """DataLoader worker processes reading latents (kohya `max_data_loader_n_workers`); 0 reads in the
     training process."""
 
+    output_name: str = Field("kiln", validation_alias=_aliases("output_name", "project_name"))
+    """Name of the run: its files go to models/<output_name>/ (kohya `output_name`)."""
+
+    mode: Literal["lora"] = "lora"
+    """What is trained: `lora`, a kohya-format LoRA on the UNet (and optionally the text encoders)."""
+
+    network_dim: int = Field(16, ge=1)
+    """LoRA rank (kohya `network_dim`)."""
+
+    network_alpha: float = Field(8.0, gt=0)
+    """LoRA alpha; the strength is alpha / dim, as in kohya."""
+
+    network_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA's input (kohya `network_dropout`)."""
+
+    network_train_ff: bool = False
+    """Also train the transformer blocks' feed-forward layers."""
+
+    network_train_text_encoder: bool = False
+    """Also train LoRA on the text encoder(s)."""
+
+    text_encoder_lr: float | None = Field(None, gt=0)
+    """Learning rate of the text encoder's LoRA; defaults to learning_rate."""
+
+    optimizer: Literal["adamw", "adamw8bit", "lion", "prodigy", "adafactor", "sgd", "adacoor"] = Field(
+        "adamw", validation_alias=_aliases("optimizer", "optimizer_type")
+    )
+    """The optimizer (kohya `optimizer_type`); adacoor is EveryDream2's learning-rate-free optimizer."""
+
+    optimizer_args: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments for the optimizer, e.g. {weight_decay: 0.01, betas: [0.9, 0.99]}."""
+
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
+    """Learning-rate schedule (kohya and EveryDream2 names)."""
+
+    lr_warmup_steps: int = Field(0, ge=0)
+    """Steps of linear warm-up from 0 to the learning rate."""
+
+    lr_decay_steps: int | None = Field(None, ge=1)
+    """Length of the decay; for cosine it defaults to 1.2 x the total steps, so the lr never reaches 0
+    (EveryDream2)."""
+
+    scale_lr: bool = False
+    """Scale every learning rate by (batch_size x grad_accum) ** 0.55 (EveryDream2)."""
+
+    grad_accum: int = Field(1, ge=1, validation_alias=_aliases("grad_accum", "gradient_accumulation_steps"))
+    """Micro-batches per optimizer step (kohya `gradient_accumulation_steps`)."""
+
+    clip_grad_norm: float | None = Field(1.0, gt=0, validation_alias=_aliases("clip_grad_norm", "max_grad_norm"))
+    """Clip the gradient norm to this (kohya `max_grad_norm`); null turns clipping off."""
+
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast precision through accelerate."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+    max_train_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (takes precedence over max_epochs)."""
+
+    max_epochs: int = Field(1, ge=1, validation_alias=_aliases("max_epochs", "max_train_epochs"))
+    """Epochs to train when max_train_steps is not set (kohya `max_train_epochs`)."""
+
+    save_every_n_steps: int | None = Field(None, ge=1)
+    """Save a resumable checkpoint every this many optimizer steps."""
+
+    save_every_n_epochs: int | None = Field(None, ge=1)
+    """Save a resumable checkpoint every this many epochs."""
+
+    save_last_n: int = Field(2, ge=1)
+    """Keep this many periodic checkpoints (the `interrupted` one is always kept)."""
+
+    min_timestep: int = Field(0, ge=0, le=1000, validation_alias=_aliases("min_timestep", "timestep_start"))
+    """Lowest training timestep, inclusive (kohya `min_timestep`, EveryDream2 `timestep_start`)."""
+
+    max_timestep: int = Field(1000, ge=0, le=1000, validation_alias=_aliases("max_timestep", "timestep_end"))
+    """Highest training timestep, exclusive; equal to min_timestep means that one timestep."""
+
+    masked_loss: bool = False
+    """Weight the loss by each image's cached mask (images without one weigh 1 everywhere)."""
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 readers (PyYAML) turn an unquoted `no` into False; DVC writes params.yaml unquoted.
+        return "no" if value is False else value
+
+    @model_validator(mode="after")
+    def _timestep_range(self) -> TrainParams:
+        if self.min_timestep > self.max_timestep:
+            raise ParamsError(
+                f"train.min_timestep: must be ≤ train.max_timestep (got {self.min_timestep} > {self.max_timestep})"
+            )
+        return self
+
 
 class Params(BaseModel):
     """All of params.yaml. A missing section takes its defaults."""

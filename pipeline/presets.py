@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 # Bump when a preset's architecture or files change, so old cached folders are not reused.
-PRESET_VERSION = 2
+PRESET_VERSION = 3
 SEED = 0
 
 TINY_WORDS = (
@@ -95,7 +95,8 @@ def tiny_clip_tokenizer(folder: Path) -> tuple[object, dict[str, int]]:
     vocab["<|endoftext|>"] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")), vocab
+    # 77 tokens, as every SD text encoder takes.
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77), vocab
 
 
 def _tiny_text_config(vocab: dict[str, int], **extra: object) -> dict[str, object]:

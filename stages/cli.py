@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import balance, bucket, cache, caption, demo_data, params, scan, tag
+from stages import balance, bucket, cache, caption, demo_data, params, scan, tag, train
 
 app = typer.Typer(
     name="kiln",
@@ -21,6 +21,7 @@ app.command("tag")(tag.main)
 app.command("bucket")(bucket.main)
 app.command("cache")(cache.main)
 app.command("balance")(balance.main)
+app.command("train")(train.main)
 app.command("params")(params.main)
 
 

@@ -23,7 +23,7 @@ def dvc(project: Path, *args: str) -> str:
 
 
 def ran(output: str) -> set[str]:
-    return {stage for stage in ("scan", "caption", "tag", "bucket", "cache", "balance") if f"Running stage '{stage}'" in output}
+    return {stage for stage in ("scan", "caption", "tag", "bucket", "cache", "balance", "train") if f"Running stage '{stage}'" in output}
 
 
 @pytest.fixture
@@ -32,6 +32,9 @@ def project(tmp_path: Path) -> Path:
     project.mkdir()
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, project / name)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(max_train_steps=1, workers=0, save_every_n_steps=None)  # keep the graph quick
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
     for package in ("pipeline", "stages"):
         shutil.copytree(ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
@@ -42,7 +45,8 @@ def project(tmp_path: Path) -> Path:
 
 
 def test_repro_reruns_only_what_changed(project: Path):
-    assert ran(dvc(project, "repro")) == {"scan", "caption", "tag", "bucket", "cache", "balance"}
+    assert ran(dvc(project, "repro")) == {"scan", "caption", "tag", "bucket", "cache", "balance", "train"}
+    assert (project / "models/kiln/kiln.safetensors").is_file()
     buckets = (project / "data/bucket/buckets.parquet").read_bytes()
     tags = (project / "data/tag/tags.parquet").read_bytes()
     captions = (project / "data/caption/captions.parquet").read_bytes()
@@ -56,7 +60,7 @@ def test_repro_reruns_only_what_changed(project: Path):
     edited = dvc(project, "repro")
     # Bucket reruns (images.parquet changed) and writes identical bytes; tag and cache read only
     # files.parquet and buckets.parquet, which did not change, so DVC skips them.
-    assert ran(edited) == {"scan", "caption", "bucket", "balance"}
+    assert ran(edited) == {"scan", "caption", "bucket", "balance", "train"}
     assert (project / "data/bucket/buckets.parquet").read_bytes() == buckets
     assert (project / "data/tag/tags.parquet").read_bytes() == tags
     assert (project / "data/caption/captions.parquet").read_bytes() != captions
@@ -66,12 +70,12 @@ def test_repro_reruns_only_what_changed(project: Path):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["bucket"]["resolution"] = 768
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    assert ran(dvc(project, "repro")) == {"bucket", "cache", "balance"}
+    assert ran(dvc(project, "repro")) == {"bucket", "cache", "balance", "train"}
     assert (project / "data/bucket/buckets.parquet").read_bytes() != buckets
 
     params["balance"]["prior_loss_weight"] = 0.5
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    assert ran(dvc(project, "repro")) == {"balance"}  # and never cache
+    assert ran(dvc(project, "repro")) == {"balance", "train"}  # and never cache
 
     out = project / "plots"
     dvc(project, "plots", "show", "-o", str(out))
@@ -89,6 +93,6 @@ def test_experiment_with_set_param_as_readme_shows(project: Path):
     dvc(project, "repro")
     # A bare comma is a sweep to DVC (hydra syntax); README shows the list form, as tested here.
     output = dvc(project, "exp", "run", "-S", "bucket.bucket_no_upscale=true", "-S", "bucket.resolution=[1024,768]")
-    assert ran(output) == {"bucket", "cache", "balance"}
+    assert ran(output) == {"bucket", "cache", "balance", "train"}
     shown = dvc(project, "exp", "show", "--no-pager", "--csv")
     assert "[1024, 768]" in shown

@@ -165,3 +165,7 @@ def test_readme_error_example_is_the_real_message():
     with pytest.raises(ParamsError) as caught:
         load_params(ROOT / "params.yaml", [override])
     assert shown == f"error: {caught.value}"
+
+
+def test_unquoted_yaml_no_is_the_string_no():
+    assert validate_params(yaml.safe_load("train:\n  mixed_precision: no\n")).train.mixed_precision == "no"

@@ -14,7 +14,7 @@ from stages.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
-STAGES = ["demo-data", "scan", "caption", "tag", "bucket", "cache", "balance", "params"]
+STAGES = ["demo-data", "scan", "caption", "tag", "bucket", "cache", "balance", "train", "params"]
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_help_lists_every_stage():
         assert stage in result.output
 
 
-@pytest.mark.parametrize("stage", ["scan", "caption", "tag", "bucket", "cache", "balance", "params"])
+@pytest.mark.parametrize("stage", ["scan", "caption", "tag", "bucket", "cache", "balance", "train", "params"])
 def test_stage_help_documents_params_and_set(stage):
     result = runner.invoke(app, [stage, "--help"])
     assert result.exit_code == 0

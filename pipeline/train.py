@@ -1,0 +1,234 @@
+"""Stage `train`: a LoRA trained on cached latents, under accelerate, resumable, saved in kohya's format.
+
+Reads top to bottom: setup blocks (accelerator, model, network, optimizer, loader), then the loop.
+The objective, the optimizers, the LoRA format and the checkpoints live in their own modules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.errors import KilnError
+from pipeline.loader import make_loader
+from pipeline.lora import (
+    TEXT_ENCODER,
+    UNET_ATTENTION,
+    UNET_FEED_FORWARD,
+    add_lora,
+    kohya_state_dict,
+    save_kohya_lora,
+)
+from pipeline.objective import DiffusionObjective
+from pipeline.optim import build_optimizer, build_scheduler, scaled_lr
+from pipeline.params import Params
+from pipeline.sd import encode_text, load_components
+from pipeline.tables import read_table, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    plan: Path
+    store: Path | str
+    index: Path
+    models: Path  # models/; the run writes models/<output_name>/
+
+    def run_dir(self, name: str) -> Path:
+        return Path(self.models) / name
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    losses: list[float] = field(default_factory=list)
+    output: Path | None = None
+    images_per_second: float = 0.0
+
+
+class Interrupted(KilnError):
+    """Ctrl-C or SIGTERM: a checkpoint was saved; the message says how to resume."""
+
+
+def _batch_generator(seed: int, epoch: int, position: int) -> torch.Generator:
+    # Noise and timesteps depend only on (seed, epoch, batch position), so a resumed run draws exactly
+    # what the uninterrupted one would have, with no generator state to save.
+    return torch.Generator().manual_seed(hash((seed, epoch, position)) & (2**63 - 1))
+
+
+def lora_metadata(params: Params, summary: dict[str, Any], steps: int, epochs: int, resolved_hash: str) -> dict[str, Any]:
+    """kohya-style `ss_*` training metadata (values become strings when saved)."""
+    cfg = params.train
+    return {
+        "ss_network_module": "networks.lora", "ss_network_dim": str(cfg.network_dim),
+        "ss_network_alpha": str(cfg.network_alpha), "ss_network_dropout": str(cfg.network_dropout),
+        "ss_base_model_version": "sdxl_base_v1-0" if summary.get("family") == "sdxl" else "sd_v1",
+        "ss_sd_model_name": params.model.base, "ss_resolution": str(tuple(params.bucket.resolution)),
+        "ss_num_train_images": str(summary.get("train_images", 0)), "ss_num_reg_images": str(summary.get("reg_images", 0)),
+        "ss_tag_frequency": summary.get("tag_frequency", {}), "ss_steps": str(steps), "ss_epoch": str(epochs),
+        "ss_seed": str(cfg.seed), "ss_learning_rate": str(cfg.learning_rate),
+        "ss_text_encoder_lr": str(cfg.text_encoder_lr or cfg.learning_rate), "ss_optimizer": cfg.optimizer,
+        "ss_lr_scheduler": cfg.lr_scheduler, "ss_loss_type": "l2", "ss_prior_loss_weight": str(params.balance.prior_loss_weight),
+        "ss_min_timestep": str(cfg.min_timestep), "ss_max_timestep": str(cfg.max_timestep),
+        "ss_batch_size_per_device": str(cfg.batch_size), "ss_gradient_accumulation_steps": str(cfg.grad_accum),
+        "ss_mixed_precision": cfg.mixed_precision, "ss_masked_loss": str(cfg.masked_loss),
+        "kiln_version": __version__, "kiln_params_sha256": resolved_hash,
+    }
+
+
+def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_frequency: dict[str, Any] | None = None) -> TrainResult:
+    from accelerate import Accelerator
+
+    cfg = params.train
+    run_dir = paths.run_dir(cfg.output_name)
+
+    # --- accelerator and seeds -----------------------------------------------------------------
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    torch.manual_seed(cfg.seed)
+
+    # --- model and network -----------------------------------------------------------------------
+    components = load_components(params.model.base)
+    unet = components.unet
+    unet.requires_grad_(False)
+    targets = UNET_ATTENTION + (UNET_FEED_FORWARD if cfg.network_train_ff else [])
+    groups = [{"params": add_lora(unet, cfg.network_dim, cfg.network_alpha, cfg.network_dropout, targets), "lr": cfg.learning_rate}]
+    te_networks: list[tuple[str, Any]] = []
+    if cfg.network_train_text_encoder:
+        prefixes = ["lora_te"] if components.family == "sd" else ["lora_te1", "lora_te2"]
+        for prefix, encoder in zip(prefixes, components.text_encoders, strict=True):
+            te_params = add_lora(encoder, cfg.network_dim, cfg.network_alpha, cfg.network_dropout, TEXT_ENCODER)
+            groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
+            te_networks.append((prefix, encoder))
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if cfg.scale_lr:
+        for group in groups:
+            group["lr"] = scaled_lr(group["lr"], cfg.batch_size, cfg.grad_accum)
+
+    # --- data --------------------------------------------------------------------------------------
+    loader = make_loader(
+        paths.plan, paths.store, paths.index, cfg, accelerator.process_index, accelerator.num_processes,
+        logs_dir=run_dir / "logs",
+    )
+    steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
+    total_steps = cfg.max_train_steps or steps_per_epoch * cfg.max_epochs
+
+    # --- optimizer, schedule, objective ----------------------------------------------------------
+    optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, dict(cfg.optimizer_args))
+    scheduler = build_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, total_steps, cfg.lr_decay_steps)
+    objective = DiffusionObjective.from_scheduler(components.noise_scheduler)
+    unet, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
+    for encoder in components.text_encoders:
+        encoder.to(accelerator.device)
+    trainable = [p for group in groups for p in group["params"]]
+
+    # --- resume ----------------------------------------------------------------------------------
+    global_step = 0
+    checkpoint_dir = run_dir / "checkpoints"
+    if accelerator.is_main_process:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)  # a declared output, even before the first save
+    if resume:
+        source = latest_checkpoint(checkpoint_dir) if resume == "latest" else Path(resume)
+        if source is None:
+            raise KilnError(f"--resume latest: no checkpoint in {checkpoint_dir}")
+        state = load_checkpoint(source, trainable, optimizer, scheduler)
+        global_step = state["global_step"]
+        loader.load_state_dict(state["loader"])
+        log.info("resumed from %s at step %d", source, global_step)
+
+    # --- interrupts: save, then tell the user how to continue ------------------------------------
+    stop = {"signal": None}
+
+    def request_stop(signum: int, frame: Any) -> None:
+        stop["signal"] = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def checkpoint(name: str) -> Path:
+        return save_checkpoint(
+            checkpoint_dir, name, trainable, optimizer, scheduler,
+            {"global_step": global_step, "loader": loader.state_dict()}, keep_last=cfg.save_last_n,
+        )
+
+    # --- the loop ----------------------------------------------------------------------------------
+    result = TrainResult(global_step)
+    scaling = components.scaling_factor
+    progress = tqdm(total=total_steps, initial=global_step, desc="train", unit="step", disable=not accelerator.is_main_process)
+    started, images = time.perf_counter(), 0
+    try:
+        while global_step < total_steps:
+            epoch = loader.epoch
+            for micro_step, batch in enumerate(loader):
+                with accelerator.accumulate(unet):
+                    generator = _batch_generator(cfg.seed, epoch, getattr(loader, "batch_index", micro_step))
+                    latents = batch["latents"].to(accelerator.device) * scaling
+                    states, pooled = encode_text(components, batch["captions"], accelerator.device)
+                    size = latents.shape[0]
+                    timesteps = objective.sample_timesteps(
+                        torch.full((size,), cfg.min_timestep), torch.full((size,), cfg.max_timestep), generator
+                    ).to(accelerator.device)
+                    noisy = objective.prepare(latents, timesteps, generator)
+                    extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": batch["time_ids"].to(latents)}} if pooled is not None else {}
+                    model_pred = unet(noisy.noisy_latents, timesteps, encoder_hidden_states=states, **extra).sample
+                    masks = batch["masks"].to(latents) if cfg.masked_loss and batch["masks"] is not None else None
+                    loss, _ = objective.loss(model_pred, noisy, batch["loss_weight"].to(accelerator.device), masks, global_step)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.clip_grad_norm:
+                        accelerator.clip_grad_norm_(trainable, cfg.clip_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                images += size
+                if accelerator.sync_gradients:
+                    global_step += 1
+                    result.losses.append(loss.item())
+                    progress.update()
+                    progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                    if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0 and accelerator.is_main_process:
+                        checkpoint(f"step-{global_step:08d}")
+                if stop["signal"] or global_step >= total_steps:
+                    break
+            if stop["signal"]:
+                path = checkpoint("interrupted") if accelerator.is_main_process else checkpoint_dir / "interrupted"
+                raise Interrupted(
+                    f"{stop['signal']}: stopped at step {global_step}; saved {path}. "
+                    f"Continue with `kiln train --resume latest`."
+                )
+            if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and accelerator.is_main_process:
+                checkpoint(f"epoch-{epoch + 1:04d}")
+    finally:
+        progress.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    # --- output ------------------------------------------------------------------------------------
+    result.global_step = global_step
+    result.images_per_second = images / max(time.perf_counter() - started, 1e-9)
+    if accelerator.is_main_process:
+        summary = {"family": components.family, "tag_frequency": tag_frequency or {}}
+        plan = read_table(paths.plan)
+        summary["train_images"] = sum(not row["is_reg"] for row in plan)
+        summary["reg_images"] = sum(row["is_reg"] and row["repeats"] > 0 for row in plan)
+        resolved = hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        networks = [("lora_unet", accelerator.unwrap_model(unet)), *te_networks]
+        output = run_dir / f"{cfg.output_name}.safetensors"
+        save_kohya_lora(output, kohya_state_dict(networks, cfg.network_alpha), lora_metadata(params, summary, global_step, loader.epoch, resolved))
+        write_json(
+            {"steps": global_step, "final_loss": result.losses[-1] if result.losses else None,
+             "best_loss": min(result.losses) if result.losses else None, "images_per_second": round(result.images_per_second, 3)},
+            run_dir / "metrics.json",
+        )
+        result.output = output
+    return result

@@ -1,0 +1,42 @@
+"""`kiln train`: train a LoRA on the cached latents into models/<train.output_name>/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline import train
+from stages.common import ParamsOption, SetOption, console, load, run_single, user_errors
+
+
+@user_errors
+def main(
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    resume: Annotated[
+        str | None, typer.Option(help="Continue from `latest` or a checkpoint folder under models/<name>/checkpoints.")
+    ] = None,
+    plan: Annotated[Path, typer.Option(help="The balance stage's plan.")] = Path("data/plan/plan.parquet"),
+    latents: Annotated[str, typer.Option(help="The latent store: a folder, or a shard URL prefix (s3://...).")] = "data/latents",
+    index: Annotated[Path, typer.Option(help="The latent index.")] = Path("data/latents/index.parquet"),
+    tag_frequency: Annotated[Path, typer.Option(help="Written into the LoRA as ss_tag_frequency.")] = Path(
+        "data/tag/tag_frequency.json"
+    ),
+    models: Annotated[Path, typer.Option(help="Where models/<output_name>/ goes.")] = Path("models"),
+) -> None:
+    """Train a LoRA (kohya key format, ss_* metadata) with accelerate; Ctrl-C or SIGTERM saves a
+    checkpoint that `--resume latest` continues exactly. Several GPUs: `accelerate launch -m stages.train`."""
+    loaded = load(params, overrides)
+    frequency = json.loads(tag_frequency.read_text()) if tag_frequency.is_file() else {}
+    store = latents if "://" in latents or latents.startswith("pipe:") else Path(latents)
+    result = train.run(loaded, train.TrainPaths(plan, store, index, models), resume=resume, tag_frequency=frequency)
+    if result.output:
+        last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+        console.print(f"train: {result.global_step} steps, last loss {last}; wrote {result.output}")
+
+
+if __name__ == "__main__":
+    run_single(main)

@@ -166,7 +166,8 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     result = TrainResult(global_step)
     scaling = components.scaling_factor
     progress = tqdm(total=total_steps, initial=global_step, desc="train", unit="step", disable=not accelerator.is_main_process)
-    started, images = time.perf_counter(), 0
+    # Throughput is timed from the end of the first step, which pays for allocation and kernel choice.
+    started, images = None, 0
     try:
         while global_step < total_steps:
             epoch = loader.epoch
@@ -190,7 +191,10 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                images += size
+                if started is None:
+                    started = time.perf_counter()
+                else:
+                    images += size
                 if accelerator.sync_gradients:
                     global_step += 1
                     result.losses.append(loss.item())
@@ -215,7 +219,7 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
 
     # --- output ------------------------------------------------------------------------------------
     result.global_step = global_step
-    result.images_per_second = images / max(time.perf_counter() - started, 1e-9)
+    result.images_per_second = images / max(time.perf_counter() - started, 1e-9) if started else 0.0
     if accelerator.is_main_process:
         summary = {"family": components.family, "tag_frequency": tag_frequency or {}}
         plan = read_table(paths.plan)

@@ -566,6 +566,9 @@ class TrainParams(Section):
     masked_loss: bool = False
     """Weight the loss by each image's cached mask (images without one weigh 1 everywhere)."""
 
+    log_step: int = Field(10, ge=1)
+    """Write TensorBoard and dvclive logs every this many steps (EveryDream2 `log_step`)."""
+
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no(cls, value: Any) -> Any:

@@ -30,11 +30,12 @@ from pipeline.lora import (
     kohya_state_dict,
     save_kohya_lora,
 )
+from pipeline.monitor import RunLogger, lora_block_magnitudes
 from pipeline.objective import DiffusionObjective
 from pipeline.optim import build_optimizer, build_scheduler, scaled_lr
 from pipeline.params import Params
 from pipeline.sd import encode_text, load_components
-from pipeline.tables import read_table, write_json
+from pipeline.tables import read_table
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
         )
 
     # --- the loop ----------------------------------------------------------------------------------
+    logger = RunLogger(run_dir, accelerator.is_main_process)
     result = TrainResult(global_step)
     scaling = components.scaling_factor
     progress = tqdm(total=total_steps, initial=global_step, desc="train", unit="step", disable=not accelerator.is_main_process)
@@ -186,8 +188,9 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
                     masks = batch["masks"].to(latents) if cfg.masked_loss and batch["masks"] is not None else None
                     loss, _ = objective.loss(model_pred, noisy, batch["loss_weight"].to(accelerator.device), masks, global_step)
                     accelerator.backward(loss)
+                    grad_norm = None
                     if accelerator.sync_gradients and cfg.clip_grad_norm:
-                        accelerator.clip_grad_norm_(trainable, cfg.clip_grad_norm)
+                        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.clip_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -199,7 +202,18 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
                     global_step += 1
                     result.losses.append(loss.item())
                     progress.update()
-                    progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                    rate = images / (time.perf_counter() - started) if started and images else 0.0
+                    progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.1f}")
+                    if global_step % cfg.log_step == 0 or global_step == total_steps:
+                        values = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "images_per_second": rate}
+                        values.update({f"lr/group_{i}": lr for i, lr in enumerate(scheduler.get_last_lr())})
+                        if grad_norm is not None:
+                            values["grad_norm"] = float(grad_norm)
+                        if torch.cuda.is_available():
+                            values["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                        values.update(lora_block_magnitudes(accelerator.unwrap_model(unet)))
+                        logger.scalars(global_step, values)
+                        logger.histogram(global_step, "timesteps", timesteps)
                     if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0 and accelerator.is_main_process:
                         checkpoint(f"step-{global_step:08d}")
                 if stop["signal"] or global_step >= total_steps:
@@ -229,10 +243,9 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
         networks = [("lora_unet", accelerator.unwrap_model(unet)), *te_networks]
         output = run_dir / f"{cfg.output_name}.safetensors"
         save_kohya_lora(output, kohya_state_dict(networks, cfg.network_alpha), lora_metadata(params, summary, global_step, loader.epoch, resolved))
-        write_json(
-            {"steps": global_step, "final_loss": result.losses[-1] if result.losses else None,
-             "best_loss": min(result.losses) if result.losses else None, "images_per_second": round(result.images_per_second, 3)},
-            run_dir / "metrics.json",
-        )
         result.output = output
+    logger.finish(
+        {"steps": global_step, "final_loss": result.losses[-1] if result.losses else None,
+         "best_loss": min(result.losses) if result.losses else None, "images_per_second": round(result.images_per_second, 3)}
+    )
     return result

@@ -83,6 +83,7 @@ def test_repro_reruns_only_what_changed(project: Path):
     assert "vegaEmbed('#data_bucket_buckets_json'" in html
     assert "Images per aspect-ratio bucket" in html
     assert '"768x768"' in html  # the bucket counts are the rendered plot's data
+    assert "models_kiln_plots_metrics" in html.replace("/", "_")  # the training curves
 
 
 def test_experiment_with_set_param_as_readme_shows(project: Path):

@@ -48,7 +48,10 @@ def paths(project, plan, models):
 
 def test_lora_smoke_keys_metadata_and_loss(sd15, tmp_path):
     project, plan = sd15
-    result = run(params_for("tiny-sd15", network_train_text_encoder=True), paths(project, plan, tmp_path), tag_frequency={"train/10_sks circle": {"circle": 8}})
+    result = run(
+        params_for("tiny-sd15", network_train_text_encoder=True, log_step=1), paths(project, plan, tmp_path),
+        tag_frequency={"train/10_sks circle": {"circle": 8}},
+    )
     assert result.global_step == 4 and all(torch.isfinite(torch.tensor(result.losses)))
     state = load_file(str(result.output))
     assert any(key.startswith("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q") for key in state)
@@ -61,6 +64,11 @@ def test_lora_smoke_keys_metadata_and_loss(sd15, tmp_path):
     assert len(metadata["kiln_params_sha256"]) == 64
     metrics = json.loads((tmp_path / "kiln" / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["final_loss"] == pytest.approx(result.losses[-1])
+    # dvclive plots (loss, lr per step) and TensorBoard events, as dvc.yaml declares them.
+    loss_plot = (tmp_path / "kiln" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
+    assert loss_plot[0] == "step\tloss" and len(loss_plot) == 5
+    assert float(loss_plot[-1].split("\t")[1]) == pytest.approx(result.losses[-1])
+    assert list((tmp_path / "kiln" / "logs").glob("events.out.tfevents.*"))
 
 
 def test_golden_loss_curve(sd15, tmp_path):
@@ -122,3 +130,16 @@ def test_sigterm_saves_a_resumable_checkpoint(sd15, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"train: {step + 1} steps" in done.stdout
     assert os.path.isfile(tmp_path / "models" / "kiln" / "kiln.safetensors")
+
+
+def test_run_logger_works_in_a_git_repo_without_commits(tmp_path, monkeypatch):
+    from pipeline.monitor import RunLogger
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    logger = RunLogger(tmp_path / "run", True)
+    logger.scalars(1, {"loss": 0.5, "lr": 1e-4, "grad_norm": 2.0})
+    logger.finish({"steps": 1, "final_loss": 0.5})
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["final_loss"] == 0.5
+    assert (tmp_path / "run" / "plots" / "metrics" / "lr.tsv").read_text().splitlines() == ["step\tlr", "1\t0.0001"]

@@ -1,0 +1,71 @@
+"""Training logs: TensorBoard under models/<name>/logs, and dvclive's metrics.json and plots/ so that
+`dvc plots show` and `dvc exp show` see the run."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        if not enabled:  # ranks other than the main process log nothing
+            return
+        from dvclive import Live
+        from torch.utils.tensorboard import SummaryWriter
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = SummaryWriter(log_dir=str(run_dir / "logs"))
+        # Our dvc.yaml declares the outputs; dvclive must not edit it or commit experiments itself.
+        settings = {"dir": str(run_dir), "save_dvc_exp": False, "dvcyaml": False, "report": None}
+        try:
+            self.live = Live(**settings)
+        except Exception as exc:
+            # dvclive asks git for the current revision before checking that one exists, and fails in
+            # a repository with no commit yet; it then only needs to write files, so skip its DVC probe.
+            if "Empty git repo" not in str(exc):
+                raise
+            from unittest import mock
+
+            with mock.patch("dvclive.live.get_dvc_repo", return_value=None):
+                self.live = Live(**settings)
+
+    def scalars(self, step: int, values: dict[str, float], plot: tuple[str, ...] = ("loss", "lr")) -> None:
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            self.tensorboard.add_scalar(name, value, step)
+        self.live.step = step
+        for name in plot:
+            if name in values:
+                self.live.log_metric(name, values[name])
+        self.live.next_step()
+
+    def histogram(self, step: int, name: str, values: torch.Tensor) -> None:
+        if self.enabled and values.numel():
+            self.tensorboard.add_histogram(name, values.detach().float().cpu(), step)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.live.summary.update(summary)
+        self.live.make_summary()
+        self.tensorboard.close()
+        self.live.end()
+
+
+def lora_block_magnitudes(model: Any) -> dict[str, float]:
+    """Mean |weight| of the LoRA matrices per UNet block (sd-trainer's LoRA weight monitoring)."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for name, param in model.named_parameters():
+        if "lora_" not in name:
+            continue
+        parts = name.split(".")
+        block = ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
+        totals[block][0] += param.detach().abs().sum().item()
+        totals[block][1] += param.numel()
+    return {f"lora_weight/{block}": total / count for block, (total, count) in sorted(totals.items()) if count}

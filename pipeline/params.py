@@ -447,8 +447,9 @@ class TrainParams(Section):
     batch_size: int = Field(1, ge=1, validation_alias=_aliases("batch_size", "train_batch_size"))
     """Images per optimizer micro-step; every batch comes from one bucket (kohya `train_batch_size`)."""
 
-    seed: int = 42
-    """Seed for noise, timesteps, the epoch order and every per-sample draw."""
+    seed: int = Field(42, ge=-1)
+    """Seed for noise, timesteps, the epoch order and every per-sample draw; -1 picks one at random
+    (logged, and written to the LoRA metadata and checkpoints so a resume keeps it)."""
 
     bucket_remainder: Literal["fill", "drop", "partial"] = "fill"
     """A bucket's last, short batch: `fill` tops it up with random images of the same bucket (as
@@ -565,6 +566,9 @@ class TrainParams(Section):
 
     masked_loss: bool = False
     """Weight the loss by each image's cached mask (images without one weigh 1 everywhere)."""
+
+    log_timesteps: bool = False
+    """Also write every sampled (global_step, image_id, is_reg, timestep) to logs/timesteps.parquet."""
 
     log_step: int = Field(10, ge=1)
     """Write TensorBoard and dvclive logs every this many steps (EveryDream2 `log_step`)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 from tqdm import tqdm
 
@@ -35,9 +36,14 @@ from pipeline.objective import DiffusionObjective
 from pipeline.optim import build_optimizer, build_scheduler, scaled_lr
 from pipeline.params import Params
 from pipeline.sd import encode_text, load_components
-from pipeline.tables import read_table
+from pipeline.tables import read_table, write_table
 
 log = logging.getLogger(__name__)
+
+
+TIMESTEPS_SCHEMA = pa.schema(
+    [("global_step", pa.int64()), ("image_id", pa.string()), ("is_reg", pa.bool_()), ("timestep", pa.int32())]
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,21 @@ def _batch_generator(seed: int, epoch: int, position: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed, epoch, position)) & (2**63 - 1))
 
 
+def _resolve_seed(params: Params, checkpoint_dir: Path, resume: str | None) -> Params:
+    """seed -1: a resumed run keeps its checkpoint's seed; a new run draws one and logs it."""
+    if params.train.seed != -1:
+        return params
+    source = (latest_checkpoint(checkpoint_dir) if resume == "latest" else Path(resume)) if resume else None
+    if source is not None and (source / "state.json").is_file():
+        seed = json.loads((source / "state.json").read_text())["loader"]["seed"]
+    else:
+        import secrets
+
+        seed = secrets.randbelow(2**31)
+    log.info("train.seed is -1: using seed %d", seed)
+    return params.model_copy(update={"train": params.train.model_copy(update={"seed": seed})})
+
+
 def lora_metadata(params: Params, summary: dict[str, Any], steps: int, epochs: int, resolved_hash: str) -> dict[str, Any]:
     """kohya-style `ss_*` training metadata (values become strings when saved)."""
     cfg = params.train
@@ -92,8 +113,9 @@ def lora_metadata(params: Params, summary: dict[str, Any], steps: int, epochs: i
 def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_frequency: dict[str, Any] | None = None) -> TrainResult:
     from accelerate import Accelerator
 
+    run_dir = paths.run_dir(params.train.output_name)
+    params = _resolve_seed(params, run_dir / "checkpoints", resume)
     cfg = params.train
-    run_dir = paths.run_dir(cfg.output_name)
 
     # --- accelerator and seeds -----------------------------------------------------------------
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
@@ -145,6 +167,8 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
         if source is None:
             raise KilnError(f"--resume latest: no checkpoint in {checkpoint_dir}")
         state = load_checkpoint(source, trainable, optimizer, scheduler)
+        if state["loader"]["seed"] != cfg.seed:
+            raise KilnError(f"{source}: saved with train.seed={state['loader']['seed']}, but this run has {cfg.seed}")
         global_step = state["global_step"]
         loader.load_state_dict(state["loader"])
         log.info("resumed from %s at step %d", source, global_step)
@@ -165,6 +189,7 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
 
     # --- the loop ----------------------------------------------------------------------------------
     logger = RunLogger(run_dir, accelerator.is_main_process)
+    sampled: list[dict[str, Any]] = []  # train.log_timesteps
     result = TrainResult(global_step)
     scaling = components.scaling_factor
     progress = tqdm(total=total_steps, initial=global_step, desc="train", unit="step", disable=not accelerator.is_main_process)
@@ -184,6 +209,11 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
                     ).to(accelerator.device)
                     noisy = objective.prepare(latents, timesteps, generator)
                     extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": batch["time_ids"].to(latents)}} if pooled is not None else {}
+                    if cfg.log_timesteps:
+                        sampled.extend(
+                            {"global_step": global_step, "image_id": image_id, "is_reg": bool(reg), "timestep": int(t)}
+                            for image_id, reg, t in zip(batch["image_ids"], batch["is_reg"], timesteps.tolist(), strict=True)
+                        )
                     model_pred = unet(noisy.noisy_latents, timesteps, encoder_hidden_states=states, **extra).sample
                     masks = batch["masks"].to(latents) if cfg.masked_loss and batch["masks"] is not None else None
                     loss, _ = objective.loss(model_pred, noisy, batch["loss_weight"].to(accelerator.device), masks, global_step)
@@ -244,6 +274,8 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
         output = run_dir / f"{cfg.output_name}.safetensors"
         save_kohya_lora(output, kohya_state_dict(networks, cfg.network_alpha), lora_metadata(params, summary, global_step, loader.epoch, resolved))
         result.output = output
+        if cfg.log_timesteps:
+            write_table(sampled, TIMESTEPS_SCHEMA, run_dir / "logs" / "timesteps.parquet")
     logger.finish(
         {"steps": global_step, "final_loss": result.losses[-1] if result.losses else None,
          "best_loss": min(result.losses) if result.losses else None, "images_per_second": round(result.images_per_second, 3)}

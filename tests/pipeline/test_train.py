@@ -143,3 +143,19 @@ def test_run_logger_works_in_a_git_repo_without_commits(tmp_path, monkeypatch):
     logger.finish({"steps": 1, "final_loss": 0.5})
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["final_loss"] == 0.5
     assert (tmp_path / "run" / "plots" / "metrics" / "lr.tsv").read_text().splitlines() == ["step\tlr", "1\t0.0001"]
+
+
+def test_log_timesteps_and_random_seed(sd15, tmp_path):
+    from pipeline.tables import read_table
+
+    project, plan = sd15
+    result = run(
+        params_for("tiny-sd15", max_train_steps=2, log_timesteps=True, seed=-1, min_timestep=100, max_timestep=200),
+        paths(project, plan, tmp_path),
+    )
+    rows = read_table(tmp_path / "kiln" / "logs" / "timesteps.parquet")
+    assert len(rows) == 4 and {row["global_step"] for row in rows} == {0, 1}
+    assert all(100 <= row["timestep"] < 200 for row in rows)
+    with safe_open(str(result.output), "pt") as handle:
+        seed = int(handle.metadata()["ss_seed"])
+    assert 0 <= seed < 2**31  # the drawn seed, not -1

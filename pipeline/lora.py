@@ -67,3 +67,24 @@ def save_kohya_lora(path: Path, state: dict[str, torch.Tensor], metadata: dict[s
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata=strings)
     tmp.replace(path)
+
+
+def save_diffusers_lora(folder: Path, unet: Any, text_encoders: list[Any], xl: bool) -> None:
+    """The same network in diffusers' own LoRA format (pytorch_lora_weights.safetensors)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from peft import get_peft_model_state_dict
+
+    def metadata(model: Any) -> dict[str, Any]:
+        # Without the adapter's config diffusers would assume alpha = rank and load the wrong strength.
+        config = model.peft_config[ADAPTER].to_dict()
+        return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
+
+    layers = {
+        "unet_lora_layers": get_peft_model_state_dict(unet, adapter_name=ADAPTER),
+        "unet_lora_adapter_metadata": metadata(unet),
+    }
+    for name, encoder in zip(["text_encoder", "text_encoder_2"], text_encoders, strict=False):
+        layers[f"{name}_lora_layers"] = get_peft_model_state_dict(encoder, adapter_name=ADAPTER)
+        layers[f"{name}_lora_adapter_metadata"] = metadata(encoder)
+    pipeline = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    pipeline.save_lora_weights(str(folder), safe_serialization=True, **layers)

@@ -501,6 +501,9 @@ class TrainParams(Section):
     network_dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on the LoRA's input (kohya `network_dropout`)."""
 
+    save_diffusers_lora: bool = False
+    """Also write the LoRA in diffusers' format, to models/<name>/diffusers_lora/."""
+
     network_train_ff: bool = False
     """Also train the transformer blocks' feed-forward layers."""
 

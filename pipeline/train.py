@@ -29,6 +29,7 @@ from pipeline.lora import (
     UNET_FEED_FORWARD,
     add_lora,
     kohya_state_dict,
+    save_diffusers_lora,
     save_kohya_lora,
 )
 from pipeline.monitor import RunLogger, lora_block_magnitudes
@@ -274,6 +275,11 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
         output = run_dir / f"{cfg.output_name}.safetensors"
         save_kohya_lora(output, kohya_state_dict(networks, cfg.network_alpha), lora_metadata(params, summary, global_step, loader.epoch, resolved))
         result.output = output
+        if cfg.save_diffusers_lora:
+            save_diffusers_lora(
+                run_dir / "diffusers_lora", accelerator.unwrap_model(unet), [encoder for _, encoder in te_networks],
+                components.family == "sdxl",
+            )
         if cfg.log_timesteps:
             write_table(sampled, TIMESTEPS_SCHEMA, run_dir / "logs" / "timesteps.parquet")
     logger.finish(

@@ -159,3 +159,23 @@ def test_log_timesteps_and_random_seed(sd15, tmp_path):
     with safe_open(str(result.output), "pt") as handle:
         seed = int(handle.metadata()["ss_seed"])
     assert 0 <= seed < 2**31  # the drawn seed, not -1
+
+
+def test_diffusers_format_lora_loads_and_matches_the_kohya_file(sd15, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from pipeline.presets import preset_dir
+    from tests.pipeline.test_lora import unet_output
+
+    project, plan = sd15
+    result = run(params_for("tiny-sd15", max_train_steps=2, save_diffusers_lora=True, learning_rate=1e-2), paths(project, plan, tmp_path))
+    folder = tmp_path / "kiln" / "diffusers_lora"
+    assert (folder / "pytorch_lora_weights.safetensors").is_file()
+    outputs = []
+    for source in (str(folder), str(result.output)):
+        pipeline = StableDiffusionPipeline.from_pretrained(preset_dir("tiny-sd15"), safety_checker=None)
+        base = unet_output(pipeline)
+        pipeline.load_lora_weights(source)
+        outputs.append(unet_output(pipeline))
+        assert not torch.allclose(base, outputs[-1])
+    torch.testing.assert_close(outputs[0], outputs[1], atol=2e-2, rtol=2e-2)  # the kohya file is fp16

@@ -49,6 +49,12 @@ class RunLogger:
         if self.enabled and values.numel():
             self.tensorboard.add_histogram(name, values.detach().float().cpu(), step)
 
+    def image(self, step: int, name: str, image: Any) -> None:
+        if self.enabled:
+            import numpy as np
+
+            self.tensorboard.add_image(name, np.asarray(image), step, dataformats="HWC")
+
     def finish(self, summary: dict[str, Any]) -> None:
         if not self.enabled:
             return

@@ -438,6 +438,33 @@ class BalanceParams(Section):
         return value
 
 
+class SamplePrompt(BaseModel):
+    """One sample image drawn during training."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    prompt: str
+    """The text to draw."""
+
+    negative_prompt: str = ""
+    """What to steer away from."""
+
+    seed: int = 0
+    """Noise seed: the same prompt and seed at every sampling point show how training changes it."""
+
+    steps: int = Field(20, ge=1)
+    """Sampler steps."""
+
+    cfg: float = Field(7.0, ge=0)
+    """Classifier-free guidance scale."""
+
+    width: int = Field(512, ge=8, multiple_of=8)
+    """Image width in pixels."""
+
+    height: int = Field(512, ge=8, multiple_of=8)
+    """Image height in pixels."""
+
+
 class TrainParams(Section):
     SECTION: ClassVar[str] = "train"
 
@@ -569,6 +596,15 @@ class TrainParams(Section):
 
     masked_loss: bool = False
     """Weight the loss by each image's cached mask (images without one weigh 1 everywhere)."""
+
+    sample_prompts: list[SamplePrompt] = Field(default_factory=list)
+    """Images to draw while training: a list of {prompt, negative_prompt, seed, steps, cfg, width, height}."""
+
+    sample_every_n_steps: int | None = Field(None, ge=1)
+    """Draw the sample prompts every this many optimizer steps."""
+
+    sample_every_n_epochs: int | None = Field(None, ge=1)
+    """Draw the sample prompts every this many epochs."""
 
     log_timesteps: bool = False
     """Also write every sampled (global_step, image_id, is_reg, timestep) to logs/timesteps.parquet."""

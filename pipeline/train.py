@@ -32,10 +32,12 @@ from pipeline.lora import (
     save_diffusers_lora,
     save_kohya_lora,
 )
+from pipeline.models import find_vae
 from pipeline.monitor import RunLogger, lora_block_magnitudes
 from pipeline.objective import DiffusionObjective
 from pipeline.optim import build_optimizer, build_scheduler, scaled_lr
 from pipeline.params import Params
+from pipeline.samples import render, save_grid
 from pipeline.sd import encode_text, load_components
 from pipeline.tables import read_table, write_table
 
@@ -182,6 +184,18 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
+    vae_holder: list[Any] = []
+
+    def sample(name: str) -> None:
+        """Draw train.sample_prompts with the current weights into samples/<name>.png and TensorBoard."""
+        if not (cfg.sample_prompts and accelerator.is_main_process):
+            return
+        if not vae_holder:  # the VAE is only needed to draw samples: load it the first time
+            vae_holder.append(find_vae(params.cache.vae or params.model.base, "model.base").load().vae)
+        images = render(components, accelerator.unwrap_model(unet), vae_holder[0], cfg.sample_prompts, accelerator.device)
+        grid = save_grid(images, run_dir / "samples" / f"{name}.png")
+        logger.image(global_step, "samples", grid)
+
     def checkpoint(name: str) -> Path:
         return save_checkpoint(
             checkpoint_dir, name, trainable, optimizer, scheduler,
@@ -247,6 +261,8 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
                         logger.histogram(global_step, "timesteps", timesteps)
                     if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0 and accelerator.is_main_process:
                         checkpoint(f"step-{global_step:08d}")
+                    if cfg.sample_every_n_steps and global_step % cfg.sample_every_n_steps == 0:
+                        sample(f"step-{global_step:08d}")
                 if stop["signal"] or global_step >= total_steps:
                     break
             if stop["signal"]:
@@ -257,6 +273,8 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
                 )
             if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and accelerator.is_main_process:
                 checkpoint(f"epoch-{epoch + 1:04d}")
+            if cfg.sample_every_n_epochs and (epoch + 1) % cfg.sample_every_n_epochs == 0:
+                sample(f"epoch-{epoch + 1:04d}")
     finally:
         progress.close()
         for sig, handler in previous.items():

@@ -179,3 +179,15 @@ def test_diffusers_format_lora_loads_and_matches_the_kohya_file(sd15, tmp_path):
         outputs.append(unet_output(pipeline))
         assert not torch.allclose(base, outputs[-1])
     torch.testing.assert_close(outputs[0], outputs[1], atol=2e-2, rtol=2e-2)  # the kohya file is fp16
+
+
+def test_samples_are_drawn_with_the_current_weights(sd15, tmp_path):
+    from PIL import Image
+
+    project, plan = sd15
+    prompts = [{"prompt": "a sks circle", "seed": 1, "steps": 2, "width": 64, "height": 48}, {"prompt": "a square", "steps": 2, "width": 64, "height": 64}]
+    run(params_for("tiny-sd15", max_train_steps=2, sample_prompts=prompts, sample_every_n_steps=1), paths(project, plan, tmp_path))
+    samples = sorted((tmp_path / "kiln" / "samples").glob("*.png"))
+    assert [path.name for path in samples] == ["step-00000001.png", "step-00000002.png"]
+    with Image.open(samples[0]) as grid:
+        assert grid.size == (128, 64)  # two images side by side, 64x48 and 64x64

@@ -168,9 +168,10 @@ class LatentLoader:
 
     def __init__(
         self, plan_path: Path, store: Path, cfg: TrainParams, rank: int = 0, world: int = 1,
-        logs_dir: Path | None = None, pin_memory: bool | None = None,
+        logs_dir: Path | None = None, pin_memory: bool | None = None, exclude: frozenset[str] = frozenset(),
     ):
-        self.plan = sorted(read_table(plan_path), key=lambda row: row["image_id"])
+        # `exclude`: image ids held out (validation); they never appear in a training batch.
+        self.plan = sorted((r for r in read_table(plan_path) if r["image_id"] not in exclude), key=lambda row: row["image_id"])
         self.store, self.cfg, self.rank, self.world, self.logs_dir = store, cfg, rank, world, logs_dir
         self.index = {row["cache_key"]: row for row in read_table(store / "index.parquet")}
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -242,9 +243,9 @@ class StreamingLatentLoader:
 
     def __init__(
         self, plan_path: Path, index_path: Path, base_url: str, cfg: TrainParams, rank: int = 0, world: int = 1,
-        shuffle_buffer: int = 256,
+        shuffle_buffer: int = 256, exclude: frozenset[str] = frozenset(),
     ):
-        self.plan = sorted(read_table(plan_path), key=lambda row: row["image_id"])
+        self.plan = sorted((r for r in read_table(plan_path) if r["image_id"] not in exclude), key=lambda row: row["image_id"])
         self.index = {row["cache_key"]: row for row in read_table(index_path)}
         self.base_url, self.cfg, self.rank, self.world = base_url.rstrip("/"), cfg, rank, world
         self.shuffle_buffer, self.epoch = shuffle_buffer, 0
@@ -329,9 +330,9 @@ def random_module(seed: int, epoch: int, bucket: str) -> Any:
 
 def make_loader(
     plan_path: Path, store: str | Path, index_path: Path, cfg: TrainParams, rank: int = 0, world: int = 1,
-    logs_dir: Path | None = None,
+    logs_dir: Path | None = None, exclude: frozenset[str] = frozenset(),
 ) -> LatentLoader | StreamingLatentLoader:
     """Random access for a local store; webdataset streaming for shard URLs (s3://, https://, pipe:)."""
     if is_remote(store):
-        return StreamingLatentLoader(plan_path, index_path, str(store), cfg, rank, world)
-    return LatentLoader(plan_path, Path(store), cfg, rank, world, logs_dir)
+        return StreamingLatentLoader(plan_path, index_path, str(store), cfg, rank, world, exclude=exclude)
+    return LatentLoader(plan_path, Path(store), cfg, rank, world, logs_dir, exclude=exclude)

@@ -51,6 +51,10 @@ class DiffusionObjective:
     def prepare(self, latents: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator) -> NoisyBatch:
         """x_t = sqrt(a_bar) x_0 + sqrt(1 - a_bar) eps; the target is eps, or v = sqrt(a_bar) eps - sqrt(1 - a_bar) x_0."""
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        return self.with_noise(latents, timesteps, noise)
+
+    def with_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
+        """The same forward process with given noise (fixed noise makes a stable validation curve)."""
         signal, sigma = self._scales(timesteps, latents)
         noisy = signal * latents + sigma * noise
         target = noise if self.prediction_type == "epsilon" else signal * noise - sigma * latents

@@ -606,6 +606,13 @@ class TrainParams(Section):
     sample_every_n_epochs: int | None = Field(None, ge=1)
     """Draw the sample prompts every this many epochs."""
 
+    validation_split: float = Field(0.0, ge=0, lt=1)
+    """Hold out this fraction of the train images (chosen by image_id, stable as images are added) for a
+    validation loss with fixed noise and timesteps (EveryDream2's stabilised validation)."""
+
+    validate_every: int | None = Field(None, ge=1)
+    """Compute the validation loss every this many steps (and at the end); needs validation_split."""
+
     log_timesteps: bool = False
     """Also write every sampled (global_step, image_id, is_reg, timestep) to logs/timesteps.parquet."""
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from pipeline import __version__
 from pipeline.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.errors import KilnError
+from pipeline.latents import LatentStore
 from pipeline.loader import make_loader
 from pipeline.lora import (
     TEXT_ENCODER,
@@ -40,6 +41,7 @@ from pipeline.params import Params
 from pipeline.samples import render, save_grid
 from pipeline.sd import encode_text, load_components
 from pipeline.tables import read_table, write_table
+from pipeline.validation import Validator, held_out
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     output: Path | None = None
     images_per_second: float = 0.0
+    validation_losses: list[float | None] = field(default_factory=list)
 
 
 class Interrupted(KilnError):
@@ -144,9 +147,11 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
             group["lr"] = scaled_lr(group["lr"], cfg.batch_size, cfg.grad_accum)
 
     # --- data --------------------------------------------------------------------------------------
+    plan_rows = read_table(paths.plan)
+    holdout = held_out(plan_rows, cfg.validation_split)
     loader = make_loader(
         paths.plan, paths.store, paths.index, cfg, accelerator.process_index, accelerator.num_processes,
-        logs_dir=run_dir / "logs",
+        logs_dir=run_dir / "logs", exclude=holdout,
     )
     steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
     total_steps = cfg.max_train_steps or steps_per_epoch * cfg.max_epochs
@@ -155,6 +160,13 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, dict(cfg.optimizer_args))
     scheduler = build_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, total_steps, cfg.lr_decay_steps)
     objective = DiffusionObjective.from_scheduler(components.noise_scheduler)
+    validator = None
+    if holdout and not isinstance(paths.store, str):
+        index = {row["cache_key"]: row for row in read_table(paths.index)}
+        validator = Validator(
+            [row for row in plan_rows if row["image_id"] in holdout], LatentStore(Path(paths.store)), index,
+            objective, cfg.min_timestep, cfg.max_timestep, cfg.batch_size, cfg.seed,
+        )
     unet, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
     for encoder in components.text_encoders:
         encoder.to(accelerator.device)
@@ -183,6 +195,23 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
         stop["signal"] = signal.Signals(signum).name
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def validation_loss() -> float | None:
+        if validator is None:
+            return None
+        model = accelerator.unwrap_model(unet)
+        was_training = model.training
+        model.eval()
+
+        def predict(noisy: torch.Tensor, timesteps: torch.Tensor, captions: list[str], time_ids: torch.Tensor) -> torch.Tensor:
+            states, pooled = encode_text(components, captions, accelerator.device)
+            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(noisy)}} if pooled is not None else {}
+            return model(noisy.to(accelerator.device), timesteps.to(accelerator.device), encoder_hidden_states=states, **extra).sample
+
+        try:
+            return validator.loss(predict, scaling)
+        finally:
+            model.train(was_training)
 
     vae_holder: list[Any] = []
 
@@ -249,7 +278,8 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
                     progress.update()
                     rate = images / (time.perf_counter() - started) if started and images else 0.0
                     progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.1f}")
-                    if global_step % cfg.log_step == 0 or global_step == total_steps:
+                    validating = bool(cfg.validate_every) and (global_step % cfg.validate_every == 0 or global_step == total_steps)
+                    if global_step % cfg.log_step == 0 or global_step == total_steps or validating:
                         values = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "images_per_second": rate}
                         values.update({f"lr/group_{i}": lr for i, lr in enumerate(scheduler.get_last_lr())})
                         if grad_norm is not None:
@@ -257,7 +287,10 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
                         if torch.cuda.is_available():
                             values["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                         values.update(lora_block_magnitudes(accelerator.unwrap_model(unet)))
-                        logger.scalars(global_step, values)
+                        if validating:
+                            result.validation_losses.append(validation_loss())
+                            values["validation_loss"] = result.validation_losses[-1]
+                        logger.scalars(global_step, {k: v for k, v in values.items() if v is not None}, ("loss", "lr", "validation_loss"))
                         logger.histogram(global_step, "timesteps", timesteps)
                     if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0 and accelerator.is_main_process:
                         checkpoint(f"step-{global_step:08d}")

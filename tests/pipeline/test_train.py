@@ -191,3 +191,21 @@ def test_samples_are_drawn_with_the_current_weights(sd15, tmp_path):
     assert [path.name for path in samples] == ["step-00000001.png", "step-00000002.png"]
     with Image.open(samples[0]) as grid:
         assert grid.size == (128, 64)  # two images side by side, 64x48 and 64x64
+
+
+def test_validation_loss_is_held_out_stable_and_logged(sd15, tmp_path):
+    from pipeline.tables import read_table
+    from pipeline.validation import held_out
+
+    project, plan = sd15
+    holdout = held_out(read_table(plan), 0.3)
+    assert 0 < len(holdout) < 14 and held_out(read_table(plan), 0.3) == holdout
+    settings = {"max_train_steps": 3, "validation_split": 0.3, "validate_every": 1, "log_timesteps": True, "learning_rate": 1e-3}
+    first = run(params_for("tiny-sd15", **settings), paths(project, plan, tmp_path / "a"))
+    second = run(params_for("tiny-sd15", **settings), paths(project, plan, tmp_path / "b"))
+    assert len(first.validation_losses) == 3 and all(loss > 0 for loss in first.validation_losses)
+    assert first.validation_losses == second.validation_losses  # fixed noise and timesteps
+    trained_on = {row["image_id"] for row in read_table(tmp_path / "a" / "kiln" / "logs" / "timesteps.parquet")}
+    assert not trained_on & holdout
+    rows = (tmp_path / "a" / "kiln" / "plots" / "metrics" / "validation_loss.tsv").read_text().splitlines()
+    assert rows[0] == "step\tvalidation_loss" and len(rows) == 4

@@ -20,12 +20,29 @@ TEXT_ENCODER = ["q_proj", "k_proj", "v_proj", "out_proj"]
 ADAPTER = "kiln"
 
 
-def add_lora(model: Any, dim: int, alpha: float, dropout: float, targets: list[str]) -> list[torch.nn.Parameter]:
-    """Inject a peft LoRA adapter; returns its trainable parameters (everything else stays frozen)."""
+# LoCon: the ResNet convolutions and the down/up-sampling convolutions, as kohya's LoCon targets them.
+CONV_PATTERN = r".*(resnets\.\d+\.(conv1|conv2|conv_shortcut)|(downsamplers|upsamplers)\.\d+\.conv)"
+
+
+def add_lora(
+    model: Any, dim: int, alpha: float, dropout: float, targets: list[str],
+    conv_dim: int | None = None, conv_alpha: float | None = None,
+) -> list[torch.nn.Parameter]:
+    """Inject a peft LoRA adapter (with conv_dim, also on the convolutions: LoCon); returns its
+    trainable parameters (everything else stays frozen)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     model.requires_grad_(False)
-    config = LoraConfig(r=dim, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, init_lora_weights="gaussian")
+    settings: dict[str, Any] = {"target_modules": targets}
+    if conv_dim:
+        linear = "|".join(target.replace(".", "\\.") for target in targets)
+        settings = {
+            "target_modules": rf"(.*\.({linear}))|{CONV_PATTERN}",
+            # Convolutions get their own rank and alpha; peft matches these keys against module paths.
+            "rank_pattern": {CONV_PATTERN: conv_dim},
+            "alpha_pattern": {CONV_PATTERN: conv_alpha if conv_alpha is not None else conv_dim},
+        }
+    config = LoraConfig(r=dim, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", **settings)
     # peft's own injection, not the models' add_adapter wrappers: those pin peft versions that lag the
     # libraries around them (transformers 5 asks for a peft newer than the registry has).
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
@@ -56,7 +73,8 @@ def kohya_state_dict(networks: list[tuple[str, Any]], alpha: float, dtype: torch
             up = layer.lora_B[ADAPTER].weight
             state[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
             state[f"{name}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
-            state[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+            # Each layer's own alpha: LoCon convolutions have conv_alpha.
+            state[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha.get(ADAPTER, alpha)), dtype=dtype)
     return state
 
 

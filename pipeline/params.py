@@ -531,6 +531,12 @@ class TrainParams(Section):
     save_diffusers_lora: bool = False
     """Also write the LoRA in diffusers' format, to models/<name>/diffusers_lora/."""
 
+    conv_dim: int | None = Field(None, ge=1)
+    """Also train the ResNet and up/down-sampling convolutions at this rank (LoCon, kohya `conv_dim`)."""
+
+    conv_alpha: float | None = Field(None, gt=0)
+    """Alpha of the convolution layers (kohya `conv_alpha`); defaults to conv_dim."""
+
     network_train_ff: bool = False
     """Also train the transformer blocks' feed-forward layers."""
 

@@ -102,6 +102,7 @@ def lora_metadata(params: Params, summary: dict[str, Any], steps: int, epochs: i
     return {
         "ss_network_module": "networks.lora", "ss_network_dim": str(cfg.network_dim),
         "ss_network_alpha": str(cfg.network_alpha), "ss_network_dropout": str(cfg.network_dropout),
+        "ss_network_args": {"conv_dim": cfg.conv_dim, "conv_alpha": cfg.conv_alpha} if cfg.conv_dim else {},
         "ss_base_model_version": "sdxl_base_v1-0" if summary.get("family") == "sdxl" else "sd_v1",
         "ss_sd_model_name": params.model.base, "ss_resolution": str(tuple(params.bucket.resolution)),
         "ss_num_train_images": str(summary.get("train_images", 0)), "ss_num_reg_images": str(summary.get("reg_images", 0)),
@@ -132,7 +133,8 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     unet = components.unet
     unet.requires_grad_(False)
     targets = UNET_ATTENTION + (UNET_FEED_FORWARD if cfg.network_train_ff else [])
-    groups = [{"params": add_lora(unet, cfg.network_dim, cfg.network_alpha, cfg.network_dropout, targets), "lr": cfg.learning_rate}]
+    unet_params = add_lora(unet, cfg.network_dim, cfg.network_alpha, cfg.network_dropout, targets, cfg.conv_dim, cfg.conv_alpha)
+    groups = [{"params": unet_params, "lr": cfg.learning_rate}]
     te_networks: list[tuple[str, Any]] = []
     if cfg.network_train_text_encoder:
         prefixes = ["lora_te"] if components.family == "sd" else ["lora_te1", "lora_te2"]

@@ -53,3 +53,25 @@ def test_kohya_keys_metadata_and_diffusers_round_trip(tmp_path):
     assert not torch.allclose(before, after)
     trained_output = unet_output(trained)
     torch.testing.assert_close(after, trained_output, atol=2e-2, rtol=2e-2)  # fp16 file, same network
+
+
+def test_locon_adds_conv_layers_with_their_own_rank_and_alpha(tmp_path):
+    trained = tiny_pipeline()
+    params = add_lora(trained.unet, dim=4, alpha=2, dropout=0.0, targets=UNET_ATTENTION, conv_dim=2, conv_alpha=1)
+    with torch.no_grad():
+        for param in params:
+            param.add_(torch.randn_like(param) * 0.3)
+    state = kohya_state_dict([("lora_unet", trained.unet)], alpha=2)
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert state[f"{conv}.lora_down.weight"].shape == (2, 32, 3, 3)  # (conv_dim, in, k, k)
+    assert state[f"{conv}.lora_up.weight"].shape == (32, 2, 1, 1)
+    assert state[f"{conv}.alpha"].item() == 1.0
+    assert "lora_unet_down_blocks_0_downsamplers_0_conv.lora_down.weight" in state
+    assert "lora_unet_conv_in.lora_down.weight" not in state
+    attention = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert state[f"{attention}.lora_down.weight"].shape[0] == 4 and state[f"{attention}.alpha"].item() == 2.0
+    path = tmp_path / "locon.safetensors"
+    save_kohya_lora(path, state, {"ss_network_args": {"conv_dim": 2, "conv_alpha": 1}})
+    base = tiny_pipeline()
+    base.load_lora_weights(str(path))
+    torch.testing.assert_close(unet_output(base), unet_output(trained), atol=2e-2, rtol=2e-2)

@@ -97,11 +97,14 @@ def test_resume_gives_identical_weights(sd15, tmp_path):
 
 def test_sdxl_lora_smoke(demo_source, tmp_path):
     project, plan = prepared(tmp_path, demo_source, "tiny-sdxl")
-    result = run(params_for("tiny-sdxl", max_train_steps=2, network_train_text_encoder=True), paths(project, plan, tmp_path / "m"))
+    result = run(params_for("tiny-sdxl", max_train_steps=2, network_train_text_encoder=True, conv_dim=2), paths(project, plan, tmp_path / "m"))
     state = load_file(str(result.output))
+    assert any("_resnets_0_conv1.lora_down.weight" in key for key in state)  # LoCon
     assert any(key.startswith("lora_te1_") for key in state) and any(key.startswith("lora_te2_") for key in state)
     with safe_open(str(result.output), "pt") as handle:
-        assert handle.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+        metadata = handle.metadata()
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": 2, "conv_alpha": None}
 
 
 def test_sigterm_saves_a_resumable_checkpoint(sd15, tmp_path):

@@ -579,6 +579,10 @@ class TrainParams(Section):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
 
+    attn_type: Literal["sdp", "xformers", "slice"] = "sdp"
+    """UNet attention: torch's scaled_dot_product_attention (default), xformers (when installed), or
+    sliced attention (least memory, slowest)."""
+
     max_train_steps: int | None = Field(None, ge=1)
     """Stop after this many optimizer steps (takes precedence over max_epochs)."""
 

@@ -80,3 +80,19 @@ def encode_text(components: SDComponents, captions: list[str], device: Any) -> t
         else:
             states.append(encoder(ids)[0])
     return torch.cat(states, dim=-1), pooled
+
+
+def set_attention(unet: Any, attn_type: str) -> None:
+    """sdp: torch's fused attention (diffusers' default processor); xformers; or sliced attention."""
+    if attn_type == "sdp":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+    elif attn_type == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise KilnError("train.attn_type: xformers is not installed; pip install xformers, or use sdp") from None
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        unet.set_attention_slice("auto")

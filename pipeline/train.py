@@ -39,7 +39,7 @@ from pipeline.objective import DiffusionObjective
 from pipeline.optim import build_optimizer, build_scheduler, scaled_lr
 from pipeline.params import Params
 from pipeline.samples import render, save_grid
-from pipeline.sd import encode_text, load_components
+from pipeline.sd import encode_text, load_components, set_attention
 from pipeline.tables import read_table, write_table
 from pipeline.validation import Validator, held_out
 
@@ -132,6 +132,7 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     components = load_components(params.model.base)
     unet = components.unet
     unet.requires_grad_(False)
+    set_attention(unet, cfg.attn_type)
     targets = UNET_ATTENTION + (UNET_FEED_FORWARD if cfg.network_train_ff else [])
     unet_params = add_lora(unet, cfg.network_dim, cfg.network_alpha, cfg.network_dropout, targets, cfg.conv_dim, cfg.conv_alpha)
     groups = [{"params": unet_params, "lr": cfg.learning_rate}]

@@ -212,3 +212,20 @@ def test_validation_loss_is_held_out_stable_and_logged(sd15, tmp_path):
     assert not trained_on & holdout
     rows = (tmp_path / "a" / "kiln" / "plots" / "metrics" / "validation_loss.tsv").read_text().splitlines()
     assert rows[0] == "step\tvalidation_loss" and len(rows) == 4
+
+
+def test_attention_types(sd15):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from pipeline.errors import KilnError
+    from pipeline.sd import load_components, set_attention
+
+    unet = load_components("tiny-sd15").unet
+    set_attention(unet, "sdp")
+    assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
+    set_attention(unet, "slice")  # runs: sliced attention is a diffusers built-in
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(KilnError, match="train.attn_type: xformers is not installed"):
+            set_attention(unet, "xformers")

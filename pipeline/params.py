@@ -623,6 +623,11 @@ class TrainParams(Section):
     validate_every: int | None = Field(None, ge=1)
     """Compute the validation loss every this many steps (and at the end); needs validation_split."""
 
+    load_settings_every_epoch: bool = False
+    """Re-read params.yaml at each epoch start and apply the keys EveryDream2 lets change mid-run
+    (save_every_n_epochs; zero_frequency_noise_ratio, min_snr_gamma and clip_skip where defined); any
+    other changed key is refused with a warning."""
+
     log_timesteps: bool = False
     """Also write every sampled (global_step, image_id, is_reg, timestep) to logs/timesteps.parquet."""
 

@@ -37,7 +37,7 @@ from pipeline.models import find_vae
 from pipeline.monitor import RunLogger, lora_block_magnitudes
 from pipeline.objective import DiffusionObjective
 from pipeline.optim import build_optimizer, build_scheduler, scaled_lr
-from pipeline.params import Params
+from pipeline.params import Params, TrainParams, load_params
 from pipeline.samples import render, save_grid
 from pipeline.sd import encode_text, load_components, set_attention
 from pipeline.tables import read_table, write_table
@@ -51,12 +51,18 @@ TIMESTEPS_SCHEMA = pa.schema(
 )
 
 
+# What EveryDream2's load_settings_every_epoch may change mid-run (those Kiln defines).
+RELOADABLE = ("save_every_n_epochs", "zero_frequency_noise_ratio", "min_snr_gamma", "clip_skip")
+
+
 @dataclass(frozen=True)
 class TrainPaths:
     plan: Path
     store: Path | str
     index: Path
     models: Path  # models/; the run writes models/<output_name>/
+    params_file: Path | None = None  # re-read by load_settings_every_epoch
+    overrides: tuple[str, ...] = ()
 
     def run_dir(self, name: str) -> Path:
         return Path(self.models) / name
@@ -79,6 +85,20 @@ def _batch_generator(seed: int, epoch: int, position: int) -> torch.Generator:
     # Noise and timesteps depend only on (seed, epoch, batch position), so a resumed run draws exactly
     # what the uninterrupted one would have, with no generator state to save.
     return torch.Generator().manual_seed(hash((seed, epoch, position)) & (2**63 - 1))
+
+
+def reload_settings(current: TrainParams, params_file: Path, overrides: tuple[str, ...]) -> TrainParams:
+    """Apply the reloadable keys that changed in params.yaml; warn about, and ignore, every other change."""
+    fresh = load_params(params_file, overrides).train
+    changed = sorted(name for name in TrainParams.model_fields if getattr(fresh, name) != getattr(current, name))
+    applied = {}
+    for name in changed:
+        if name in RELOADABLE:
+            log.info("load_settings_every_epoch: train.%s %r -> %r", name, getattr(current, name), getattr(fresh, name))
+            applied[name] = getattr(fresh, name)
+        elif name != "seed":
+            log.warning("load_settings_every_epoch: train.%s changed in %s but cannot change mid-run; ignored", name, params_file)
+    return current.model_copy(update=applied)
 
 
 def _resolve_seed(params: Params, checkpoint_dir: Path, resume: str | None) -> Params:
@@ -245,6 +265,8 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     try:
         while global_step < total_steps:
             epoch = loader.epoch
+            if cfg.load_settings_every_epoch and paths.params_file and global_step > 0:
+                cfg = reload_settings(cfg, paths.params_file, paths.overrides)
             for micro_step, batch in enumerate(loader):
                 with accelerator.accumulate(unet):
                     generator = _batch_generator(cfg.seed, epoch, getattr(loader, "batch_index", micro_step))

@@ -229,3 +229,21 @@ def test_attention_types(sd15):
     except ImportError:
         with pytest.raises(KilnError, match="train.attn_type: xformers is not installed"):
             set_attention(unet, "xformers")
+
+
+def test_load_settings_every_epoch_applies_only_reloadable_keys(tmp_path, caplog):
+    import logging
+
+    from pipeline.train import reload_settings
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("train:\n  save_every_n_epochs: 2\n  learning_rate: 1.0e-4\n")
+    current = validate_params({"train": {"save_every_n_epochs": 1, "learning_rate": 1e-4}}).train
+    with caplog.at_level(logging.INFO):
+        updated = reload_settings(current, params_file, ())
+    assert updated.save_every_n_epochs == 2
+    params_file.write_text("train:\n  save_every_n_epochs: 2\n  learning_rate: 5.0e-4\n")
+    with caplog.at_level(logging.WARNING):
+        again = reload_settings(updated, params_file, ())
+    assert again.learning_rate == 1e-4
+    assert "train.learning_rate changed" in caplog.text and "cannot change mid-run; ignored" in caplog.text

@@ -247,3 +247,22 @@ def test_load_settings_every_epoch_applies_only_reloadable_keys(tmp_path, caplog
         again = reload_settings(updated, params_file, ())
     assert again.learning_rate == 1e-4
     assert "train.learning_rate changed" in caplog.text and "cannot change mid-run; ignored" in caplog.text
+
+
+def test_two_process_accelerate_launch(sd15, tmp_path):
+    project, plan = sd15
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("model:\n  base: tiny-sd15\ntrain:\n  batch_size: 2\n  workers: 0\n  max_train_steps: 2\n  network_dim: 4\n")
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stages.train", "--params", str(params_file),
+            "--plan", str(plan), "--latents", str(project.paths.store), "--index", str(project.paths.store / "index.parquet"),
+            "--models", str(tmp_path / "models"), "--tag-frequency", str(tmp_path / "none.json"),
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "train: 2 steps" in done.stdout
+    state = load_file(str(tmp_path / "models" / "kiln" / "kiln.safetensors"))
+    assert any(key.endswith(".lora_up.weight") for key in state)

@@ -256,6 +256,15 @@ class StreamingLatentLoader:
                 self.row_of[row["flip_cache_key"]] = (number, True)
         self.dataset = LatentDataset(self.plan, Path("."), self.index, cfg)
 
+    def __len__(self) -> int:
+        """Expected batches per epoch for this rank (streaming cannot know the exact count in advance)."""
+        counts = epoch_counts([row["repeats"] for row in self.plan], self.cfg.seed, self.epoch)
+        per_bucket: dict[str, int] = defaultdict(int)
+        for row, count in zip(self.plan, counts, strict=True):
+            per_bucket[row["bucket"]] += count
+        rounding = math.floor if self.cfg.bucket_remainder == "drop" else math.ceil
+        return sum(rounding(total / self.cfg.batch_size) for total in per_bucket.values()) // self.world
+
     def _shards(self, bucket: str) -> list[str]:
         shards = sorted({self.index[key]["shard"] for key, (row, _) in self.row_of.items() if self.plan[row]["bucket"] == bucket})
         return [f"{self.base_url}/{shard}" for shard in shards[self.rank :: self.world]]

@@ -176,6 +176,11 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
         paths.plan, paths.store, paths.index, cfg, accelerator.process_index, accelerator.num_processes,
         logs_dir=run_dir / "logs", exclude=holdout,
     )
+    if len(loader) == 0:
+        raise KilnError(
+            f"{paths.plan}: an epoch has no batches for this process at train.batch_size={cfg.batch_size} "
+            f"(bucket_remainder={cfg.bucket_remainder}); lower batch_size or use bucket_remainder: fill"
+        )
     steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
     total_steps = cfg.max_train_steps or steps_per_epoch * cfg.max_epochs
 

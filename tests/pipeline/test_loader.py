@@ -237,3 +237,12 @@ def test_make_loader_picks_streaming_for_urls(demo):
     index = project.paths.store / "index.parquet"
     assert isinstance(make_loader(plan, project.paths.store, index, TrainParams()), LatentLoader)
     assert isinstance(make_loader(plan, "s3://bucket/latents", index, TrainParams()), StreamingLatentLoader)
+
+
+def test_streaming_loader_length_matches_what_it_yields(demo):
+    from pipeline.loader import StreamingLatentLoader
+
+    project, plan = demo
+    loader = StreamingLatentLoader(plan, project.paths.store / "index.parquet", str(project.paths.store), TrainParams(batch_size=4, bucket_remainder="partial"))
+    expected = len(loader)
+    assert expected == len(list(loader))

@@ -266,3 +266,11 @@ def test_two_process_accelerate_launch(sd15, tmp_path):
     assert "train: 2 steps" in done.stdout
     state = load_file(str(tmp_path / "models" / "kiln" / "kiln.safetensors"))
     assert any(key.endswith(".lora_up.weight") for key in state)
+
+
+def test_a_plan_with_no_batches_is_a_clear_error(sd15, tmp_path):
+    from pipeline.errors import KilnError
+
+    project, plan = sd15
+    with pytest.raises(KilnError, match="an epoch has no batches .* lower batch_size or use bucket_remainder: fill"):
+        run(params_for("tiny-sd15", batch_size=500, bucket_remainder="drop"), paths(project, plan, tmp_path))

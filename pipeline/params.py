@@ -516,8 +516,15 @@ class TrainParams(Section):
     output_name: str = Field("kiln", validation_alias=_aliases("output_name", "project_name"))
     """Name of the run: its files go to models/<output_name>/ (kohya `output_name`)."""
 
-    mode: Literal["lora"] = "lora"
-    """What is trained: `lora`, a kohya-format LoRA on the UNet (and optionally the text encoders)."""
+    mode: Literal["lora", "full"] = "lora"
+    """What is trained: `lora`, a kohya-format LoRA on the UNet (and optionally the text encoders), or
+    `full`, the UNet's own weights (and optionally the text encoders'), saved as a diffusers folder."""
+
+    up_blocks_only: bool = False
+    """Full fine-tune: train only the UNet's up_blocks, which saves backward compute (sd-trainer)."""
+
+    train_text_encoder: bool = False
+    """Full fine-tune: also train the text encoder(s), at text_encoder_lr."""
 
     network_dim: int = Field(16, ge=1)
     """LoRA rank (kohya `network_dim`)."""

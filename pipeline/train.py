@@ -87,6 +87,37 @@ def _batch_generator(seed: int, epoch: int, position: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed, epoch, position)) & (2**63 - 1))
 
 
+def full_fine_tune_groups(components: Any, cfg: TrainParams) -> list[dict[str, Any]]:
+    """The UNet (or only its up_blocks), and with train_text_encoder the text encoders, as param groups."""
+    unet = components.unet
+    trained = unet.up_blocks if cfg.up_blocks_only else unet
+    trained.requires_grad_(True)
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+    if cfg.train_text_encoder:
+        for encoder in components.text_encoders:
+            encoder.requires_grad_(True)
+            groups.append({"params": list(encoder.parameters()), "lr": cfg.text_encoder_lr or cfg.learning_rate})
+    return groups
+
+
+def save_full_model(components: Any, unet: Any, folder: Path) -> None:
+    """A complete diffusers folder: the base's other parts copied, the trained UNet and encoders saved."""
+    import shutil
+
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(components.folder, tmp, ignore=shutil.ignore_patterns(".*"))
+    shutil.rmtree(tmp / "unet")
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    for name, encoder in zip(["text_encoder", "text_encoder_2"], components.text_encoders, strict=False):
+        if any(p.requires_grad for p in encoder.parameters()):
+            shutil.rmtree(tmp / name)
+            encoder.save_pretrained(tmp / name, safe_serialization=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
 def reload_settings(current: TrainParams, params_file: Path, overrides: tuple[str, ...]) -> TrainParams:
     """Apply the reloadable keys that changed in params.yaml; warn about, and ignore, every other change."""
     fresh = load_params(params_file, overrides).train
@@ -153,11 +184,14 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     unet = components.unet
     unet.requires_grad_(False)
     set_attention(unet, cfg.attn_type)
-    targets = UNET_ATTENTION + (UNET_FEED_FORWARD if cfg.network_train_ff else [])
-    unet_params = add_lora(unet, cfg.network_dim, cfg.network_alpha, cfg.network_dropout, targets, cfg.conv_dim, cfg.conv_alpha)
-    groups = [{"params": unet_params, "lr": cfg.learning_rate}]
     te_networks: list[tuple[str, Any]] = []
-    if cfg.network_train_text_encoder:
+    if cfg.mode == "full":
+        groups = full_fine_tune_groups(components, cfg)
+    else:
+        targets = UNET_ATTENTION + (UNET_FEED_FORWARD if cfg.network_train_ff else [])
+        unet_params = add_lora(unet, cfg.network_dim, cfg.network_alpha, cfg.network_dropout, targets, cfg.conv_dim, cfg.conv_alpha)
+        groups = [{"params": unet_params, "lr": cfg.learning_rate}]
+    if cfg.mode == "lora" and cfg.network_train_text_encoder:
         prefixes = ["lora_te"] if components.family == "sd" else ["lora_te1", "lora_te2"]
         for prefix, encoder in zip(prefixes, components.text_encoders, strict=True):
             te_params = add_lora(encoder, cfg.network_dim, cfg.network_alpha, cfg.network_dropout, TEXT_ENCODER)
@@ -316,7 +350,7 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
                             values["grad_norm"] = float(grad_norm)
                         if torch.cuda.is_available():
                             values["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                        values.update(lora_block_magnitudes(accelerator.unwrap_model(unet)))
+                        values.update(lora_block_magnitudes(accelerator.unwrap_model(unet)) if cfg.mode == "lora" else {})
                         if validating:
                             result.validation_losses.append(validation_loss())
                             values["validation_loss"] = result.validation_losses[-1]
@@ -352,11 +386,15 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
         summary["train_images"] = sum(not row["is_reg"] for row in plan)
         summary["reg_images"] = sum(row["is_reg"] and row["repeats"] > 0 for row in plan)
         resolved = hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-        networks = [("lora_unet", accelerator.unwrap_model(unet)), *te_networks]
-        output = run_dir / f"{cfg.output_name}.safetensors"
-        save_kohya_lora(output, kohya_state_dict(networks, cfg.network_alpha), lora_metadata(params, summary, global_step, loader.epoch, resolved))
+        if cfg.mode == "full":
+            output = run_dir / "diffusers"
+            save_full_model(components, accelerator.unwrap_model(unet), output)
+        else:
+            networks = [("lora_unet", accelerator.unwrap_model(unet)), *te_networks]
+            output = run_dir / f"{cfg.output_name}.safetensors"
+            save_kohya_lora(output, kohya_state_dict(networks, cfg.network_alpha), lora_metadata(params, summary, global_step, loader.epoch, resolved))
         result.output = output
-        if cfg.save_diffusers_lora:
+        if cfg.save_diffusers_lora and cfg.mode == "lora":
             save_diffusers_lora(
                 run_dir / "diffusers_lora", accelerator.unwrap_model(unet), [encoder for _, encoder in te_networks],
                 components.family == "sdxl",

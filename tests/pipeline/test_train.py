@@ -274,3 +274,18 @@ def test_a_plan_with_no_batches_is_a_clear_error(sd15, tmp_path):
     project, plan = sd15
     with pytest.raises(KilnError, match="an epoch has no batches .* lower batch_size or use bucket_remainder: fill"):
         run(params_for("tiny-sd15", batch_size=500, bucket_remainder="drop"), paths(project, plan, tmp_path))
+
+
+def test_full_fine_tune_up_blocks_only(sd15, tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from pipeline.presets import preset_dir
+
+    project, plan = sd15
+    result = run(params_for("tiny-sd15", mode="full", up_blocks_only=True, max_train_steps=2, learning_rate=1e-3), paths(project, plan, tmp_path))
+    assert result.output == tmp_path / "kiln" / "diffusers"
+    pipeline = StableDiffusionPipeline.from_pretrained(result.output, safety_checker=None)  # a complete folder
+    base = UNet2DConditionModel.from_pretrained(preset_dir("tiny-sd15"), subfolder="unet")
+    trained, original = pipeline.unet.state_dict(), base.state_dict()
+    changed = {name for name in original if not torch.equal(trained[name], original[name])}
+    assert changed and all(name.startswith("up_blocks.") for name in changed)

@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 
 from pipeline import cache
-from stages.common import ParamsOption, SetOption, console, load, run_single, user_errors
+from stages.common import (
+    DataRootOption,
+    ParamsOption,
+    SetOption,
+    console,
+    load,
+    report_failures,
+    run_single,
+    user_errors,
+)
 
 
 @user_errors
@@ -18,7 +27,7 @@ def main(
     gc: Annotated[bool, typer.Option("--gc", help="Compact the store: drop latents no current input uses.")] = False,
     buckets: Annotated[Path, typer.Option(help="The bucket stage's table.")] = Path("data/bucket/buckets.parquet"),
     files: Annotated[Path, typer.Option(help="The scan stage's file table.")] = Path("data/scan/files.parquet"),
-    data_root: Annotated[Path, typer.Option(help="The folder image paths are relative to.")] = Path("data/raw"),
+    data_root: DataRootOption = Path("data/raw"),
     store: Annotated[Path, typer.Option(help="The latent store (shards, index.parquet).")] = Path("data/latents"),
 ) -> None:
     """Encode every bucketed crop with the VAE of model.base (or cache.vae) into sharded tars.
@@ -36,8 +45,7 @@ def main(
         f"{result.garbage} garbage" + (f", {result.collected} collected" if gc else "")
         + (f", {result.nan_fallbacks} batches re-encoded in fp32" if result.nan_fallbacks else "")
     )
-    for failure in result.failures:
-        console.print(f"  [red]failed[/] {failure}")
+    report_failures(result.failures)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 
 from pipeline import caption
-from stages.common import ParamsOption, SetOption, console, load, run_single, user_errors
+from stages.common import (
+    DataRootOption,
+    ParamsOption,
+    SetOption,
+    console,
+    load,
+    report_failures,
+    run_single,
+    user_errors,
+)
 
 
 @user_errors
@@ -16,7 +25,7 @@ def main(
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
     images: Annotated[Path, typer.Option(help="The scan stage's image table.")] = Path("data/scan/images.parquet"),
-    data_root: Annotated[Path, typer.Option(help="The folder image paths are relative to.")] = Path("data/raw"),
+    data_root: DataRootOption = Path("data/raw"),
     out: Annotated[Path, typer.Option(help="Where captions.parquet and the model cache go.")] = Path("data/caption"),
 ) -> None:
     """Caption images with BLIP, BLIP-2, GIT or any transformers image-to-text model (caption.model).
@@ -30,8 +39,7 @@ def main(
         f"caption: {len(result.rows)} images; {result.model_captioned} with a model caption "
         f"({result.ran} generated now, {result.from_cache} from the cache)"
     )
-    for failure in result.failures:
-        console.print(f"  [red]failed[/] {failure}")
+    report_failures(result.failures)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,15 @@ SetOption = Annotated[
     ),
 ]
 
+DataRootOption = Annotated[Path, typer.Option("--data-root", help="The folder image paths are relative to.")]
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def report_failures(failures: list[str]) -> None:
+    """Images a model stage could not process: each named, so the user can fix or remove it."""
+    for failure in failures:
+        console.print(f"  [red]failed[/] {failure}", highlight=False)
 
 
 def setup_logging() -> None:

@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 
 from pipeline import tag
-from stages.common import ParamsOption, SetOption, console, load, run_single, user_errors
+from stages.common import (
+    DataRootOption,
+    ParamsOption,
+    SetOption,
+    console,
+    load,
+    report_failures,
+    run_single,
+    user_errors,
+)
 
 
 @user_errors
@@ -16,7 +25,7 @@ def main(
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
     files: Annotated[Path, typer.Option(help="The scan stage's file table.")] = Path("data/scan/files.parquet"),
-    data_root: Annotated[Path, typer.Option(help="The folder image paths are relative to.")] = Path("data/raw"),
+    data_root: DataRootOption = Path("data/raw"),
     out: Annotated[Path, typer.Option(help="Where tags.parquet, tag_frequency.json and the cache go.")] = Path(
         "data/tag"
     ),
@@ -35,8 +44,7 @@ def main(
         f"tag: {len(result.rows)} images tagged ({result.ran} now, {result.from_cache} from the cache); "
         f"most frequent: {', '.join(name for name, _ in top) or 'none'}"
     )
-    for failure in result.failures:
-        console.print(f"  [red]failed[/] {failure}")
+    report_failures(result.failures)
 
 
 if __name__ == "__main__":

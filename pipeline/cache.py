@@ -278,7 +278,9 @@ def _device(cfg: CacheParams, state: Any) -> Any:
     return resolve_device(cfg.device, "float32")[0]
 
 
-def run(cfg: CacheParams, base: str, interpolation: str, paths: CachePaths, gc: bool = False) -> CacheResult:
+def run(
+    cfg: CacheParams, base: str, interpolation: str, paths: CachePaths, gc: bool = False, base_config: str | None = None,
+) -> CacheResult:
     """Bring the latent store up to date with buckets.parquet: verify, adopt, encode what is missing."""
     from accelerate import PartialState
 
@@ -288,7 +290,7 @@ def run(cfg: CacheParams, base: str, interpolation: str, paths: CachePaths, gc: 
             raise KilnError(f"{table}: not found; run `kiln scan` and `kiln bucket` first")
     images, buckets = read_table(paths.files), read_table(paths.buckets)
     # Keys need only the VAE's fingerprint; its weights are loaded only when something must be encoded.
-    source = find_vae(cfg.vae or base, "cache.vae" if cfg.vae else "model.base")
+    source = find_vae(cfg.vae or base, "cache.vae" if cfg.vae else "model.base", base_config)
     device = _device(cfg, state)
     vae_dtype, store_dtype = _encode_dtypes(cfg, device)
     entries = plan(images, buckets, cfg, interpolation, source.fingerprint, str(vae_dtype))

@@ -24,13 +24,15 @@ class VAESource:
     fingerprint: str
     name: str
     key: str
+    config: str | None = None  # model.config: the architecture's diffusers folder, for a single file
 
     def load(self) -> LoadedVAE:
         from diffusers import AutoencoderKL
 
         try:
             if self.path.is_file():
-                vae = AutoencoderKL.from_single_file(str(self.path))
+                extra = {"config": str(resolve_model(self.config, "model.config").folder), "subfolder": "vae"} if self.config else {}
+                vae = AutoencoderKL.from_single_file(str(self.path), **extra)
             else:
                 vae = AutoencoderKL.from_pretrained(self.path)
         except (OSError, ValueError) as exc:
@@ -63,11 +65,14 @@ def _vae_folder(folder: Path) -> Path | None:
     return None
 
 
-def find_vae(spec: str, key: str) -> VAESource:
-    """Locate and fingerprint the VAE of a model spec (hashing only the VAE's own files)."""
+def find_vae(spec: str, key: str, config: str | None = None) -> VAESource:
+    """Locate and fingerprint the VAE of a model spec (hashing only the VAE's own files).
+
+    `config` (model.config) names the diffusers configs a single-file checkpoint is read with.
+    """
     model = resolve_model(spec, key)
     if model.folder.is_file():
-        return VAESource(model.folder, fingerprint(model.folder), model.name, key)
+        return VAESource(model.folder, fingerprint(model.folder), model.name, key, config)
     folder = _vae_folder(model.folder)
     if folder is None:
         raise KilnError(
@@ -77,6 +82,6 @@ def find_vae(spec: str, key: str) -> VAESource:
     return VAESource(folder, fingerprint(folder), model.name, key)
 
 
-def load_vae(spec: str, key: str) -> LoadedVAE:
+def load_vae(spec: str, key: str, config: str | None = None) -> LoadedVAE:
     """The VAE of a model spec, in float32 on the CPU."""
-    return find_vae(spec, key).load()
+    return find_vae(spec, key, config).load()

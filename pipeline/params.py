@@ -76,6 +76,15 @@ class ModelParams(Section):
     """The base model: a diffusers folder, a single .safetensors/.ckpt file, a hub id (used only when it
     is already cached or reachable), or a built-in random preset (`tiny-sd15`, `tiny-sdxl`)."""
 
+    config: str | None = None
+    """For a single-file `base` (.safetensors/.ckpt): a diffusers folder, preset or hub id of the same
+    architecture whose configs and tokenizers diffusers' `from_single_file` uses (its `config=`). Unset,
+    diffusers fetches them from the hub, which needs network or a cached copy."""
+
+    v_parameterization: bool | None = None
+    """The base predicts velocity (SD 2.x 768-v). Unset, it is read from the base's scheduler config
+    (prediction_type); true or false overrides that (kohya's `v_parameterization`)."""
+
     @field_validator("base")
     @classmethod
     def _not_empty(cls, value: str) -> str:
@@ -627,8 +636,18 @@ class TrainParams(Section):
     """Hold out this fraction of the train images (chosen by image_id, stable as images are added) for a
     validation loss with fixed noise and timesteps (EveryDream2's stabilised validation)."""
 
+    validation_folder: str | None = None
+    """A folder of the data source (for example `val` or `train/1_val`) whose images are the validation
+    set: scanned and cached with the rest, never trained on (EveryDream2's `val_data_root`). Used
+    together with validation_split when both are set."""
+
     validate_every: int | None = Field(None, ge=1)
-    """Compute the validation loss every this many steps (and at the end); needs validation_split."""
+    """Compute the validation loss every this many steps (and at the end); needs validation_split or
+    validation_folder."""
+
+    save_precision: Literal["float", "fp16", "bf16"] = "fp16"
+    """The dtype of the saved weights in the LoRA and the full fine-tune's single-file checkpoint (kohya
+    `save_precision`); the diffusers folder keeps the training dtype."""
 
     load_settings_every_epoch: bool = False
     """Re-read params.yaml at each epoch start and apply the keys EveryDream2 lets change mid-run

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 # Bump when a preset's architecture or files change, so old cached folders are not reused.
-PRESET_VERSION = 3
+PRESET_VERSION = 4
 SEED = 0
 
 TINY_WORDS = (
@@ -227,19 +227,22 @@ def build_tiny_sdxl(folder: Path) -> None:
     tokenizer, vocab = tiny_clip_tokenizer(folder / "tokenizer")
     tokenizer_2, _ = tiny_clip_tokenizer(folder / "tokenizer_2")
     torch.manual_seed(SEED)
-    # cross_attention_dim = 32 + 32 (both encoders' hidden states, concatenated);
-    # projection_class_embeddings_input_dim = 32 (pooled text) + 6 time ids x 8.
+    # The encoders differ in width, as SDXL's do (768 and 1280), so a single-file checkpoint tells them
+    # apart: cross_attention_dim = 32 + 48 (both encoders' hidden states, concatenated);
+    # projection_class_embeddings_input_dim = 32 (pooled, projected text) + 6 time ids x 8.
     unet = UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=8,
+        cross_attention_dim=80, norm_num_groups=8,
     )
     pipeline = StableDiffusionXLPipeline(
         vae=tiny_vae(0.13025),
         text_encoder=CLIPTextModel(CLIPTextConfig(**_tiny_text_config(vocab))),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_tiny_text_config(vocab, projection_dim=32))),
+        text_encoder_2=CLIPTextModelWithProjection(
+            CLIPTextConfig(**{**_tiny_text_config(vocab, projection_dim=32), "hidden_size": 48, "intermediate_size": 96})
+        ),
         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
         scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000),
     )

@@ -24,25 +24,72 @@ class SDComponents:
     tokenizers: list[Any]
     noise_scheduler: Any
     scaling_factor: float
-    folder: Path
+    folder: Path  # the base: a diffusers folder, or a single checkpoint file
+    pipeline: Any = None  # for a single-file base, the pipeline it was read into (it holds the VAE)
 
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
 
-def load_components(spec: str, key: str = "model.base") -> SDComponents:
-    """Load from a diffusers folder (or a preset / cached hub id that resolves to one)."""
+def single_file_family(path: Path) -> str:
+    """sdxl when the checkpoint holds SDXL's second text encoder, else sd; read from the key names only."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            keys = list(handle.keys())
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        keys = list(checkpoint.get("state_dict", checkpoint))
+    return "sdxl" if any(key.startswith("conditioner.embedders.1.") for key in keys) else "sd"
+
+
+def _load_single_file(path: Path, config: str | None, key: str) -> Any:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    try:
+        family = single_file_family(path)
+    except Exception as exc:  # a truncated or foreign file: say which, without a traceback
+        raise KilnError(f"{key}: {path} is not a readable checkpoint ({exc.__class__.__name__}: {exc})") from None
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    extra = {"config": str(resolve_model(config, "model.config").folder)} if config else {}
+    try:
+        return cls.from_single_file(str(path), **extra)
+    except Exception as exc:  # diffusers raises OSError, ValueError or its own errors for missing configs
+        hint = (
+            f"model.config={config} must be a diffusers folder of the same architecture"
+            if config else
+            "diffusers needs the architecture's configs and tokenizers: set model.config to a local diffusers "
+            "folder of the same architecture (a downloaded base model; its weights are not read)"
+        )
+        raise KilnError(f"{key}: cannot load the {family} checkpoint {path}: {hint} ({exc.__class__.__name__}: {exc})") from None
+
+
+def load_components(spec: str, key: str = "model.base", config: str | None = None) -> SDComponents:
+    """Load from a diffusers folder, a single-file checkpoint (with `config`, model.config), a preset
+    or a cached hub id."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     model = resolve_model(spec, key)
     folder = model.folder
-    if folder.is_file() or not (folder / "model_index.json").is_file():
+    if folder.is_file():
+        pipeline = _load_single_file(folder, config, key)
+        xl = hasattr(pipeline, "text_encoder_2")
+        encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if xl else [])
+        tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if xl else [])
+        for encoder in encoders:
+            encoder.requires_grad_(False)
+        scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        return SDComponents(
+            "sdxl" if xl else "sd", pipeline.unet, encoders, tokenizers, scheduler,
+            float(pipeline.vae.config.scaling_factor), folder, pipeline,
+        )
+    if not (folder / "model_index.json").is_file():
         raise KilnError(
-            f"{key}: {folder} is not a diffusers model folder (no model_index.json). Training loads a diffusers "
-            "folder, a preset (tiny-sd15, tiny-sdxl) or a cached hub id; convert a single-file checkpoint with "
-            "diffusers first, or point model.base at the folder."
+            f"{key}: {folder} is not a diffusers model folder (no model_index.json). Point {key} at a diffusers "
+            "folder, a single .safetensors/.ckpt checkpoint, a preset (tiny-sd15, tiny-sdxl) or a cached hub id."
         )
     xl = (folder / "text_encoder_2").is_dir()
     try:

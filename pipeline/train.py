@@ -40,6 +40,7 @@ from pipeline.optim import build_optimizer, build_scheduler, scaled_lr
 from pipeline.params import Params, TrainParams, load_params
 from pipeline.samples import render, save_grid
 from pipeline.sd import encode_text, load_components, set_attention
+from pipeline.single_file import save_single_file
 from pipeline.tables import read_table, write_table
 from pipeline.validation import Validator, held_out
 
@@ -50,6 +51,8 @@ TIMESTEPS_SCHEMA = pa.schema(
     [("global_step", pa.int64()), ("image_id", pa.string()), ("is_reg", pa.bool_()), ("timestep", pa.int32())]
 )
 
+
+SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # What EveryDream2's load_settings_every_epoch may change mid-run (those Kiln defines).
 RELOADABLE = ("save_every_n_epochs", "zero_frequency_noise_ratio", "min_snr_gamma", "clip_skip")
@@ -106,13 +109,22 @@ def save_full_model(components: Any, unet: Any, folder: Path) -> None:
 
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(components.folder, tmp, ignore=shutil.ignore_patterns(".*"))
-    shutil.rmtree(tmp / "unet")
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    for name, encoder in zip(["text_encoder", "text_encoder_2"], components.text_encoders, strict=False):
-        if any(p.requires_grad for p in encoder.parameters()):
-            shutil.rmtree(tmp / name)
-            encoder.save_pretrained(tmp / name, safe_serialization=True)
+    if components.pipeline is not None:
+        # A single-file base: its pipeline holds the very modules that were trained.
+        components.pipeline.save_pretrained(tmp, safe_serialization=True)
+    else:
+        shutil.copytree(components.folder, tmp, ignore=shutil.ignore_patterns(".*"))
+        shutil.rmtree(tmp / "unet")
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        for name, encoder in zip(["text_encoder", "text_encoder_2"], components.text_encoders, strict=False):
+            if any(p.requires_grad for p in encoder.parameters()):
+                shutil.rmtree(tmp / name)
+                encoder.save_pretrained(tmp / name, safe_serialization=True)
+    scheduler_config = tmp / "scheduler" / "scheduler_config.json"
+    if scheduler_config.is_file():  # model.v_parameterization may have overridden the base's
+        config = json.loads(scheduler_config.read_text())
+        config["prediction_type"] = components.prediction_type
+        scheduler_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
@@ -180,7 +192,12 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     torch.manual_seed(cfg.seed)
 
     # --- model and network -----------------------------------------------------------------------
-    components = load_components(params.model.base)
+    components = load_components(params.model.base, config=params.model.config)
+    if params.model.v_parameterization is not None:
+        components.noise_scheduler.register_to_config(
+            prediction_type="v_prediction" if params.model.v_parameterization else "epsilon"
+        )
+    log.info("model: %s (%s, %s)", params.model.base, components.family, components.prediction_type)
     unet = components.unet
     unet.requires_grad_(False)
     set_attention(unet, cfg.attn_type)
@@ -205,7 +222,7 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
 
     # --- data --------------------------------------------------------------------------------------
     plan_rows = read_table(paths.plan)
-    holdout = held_out(plan_rows, cfg.validation_split)
+    holdout = held_out(plan_rows, cfg.validation_split, cfg.validation_folder)
     loader = make_loader(
         paths.plan, paths.store, paths.index, cfg, accelerator.process_index, accelerator.num_processes,
         logs_dir=run_dir / "logs", exclude=holdout,
@@ -277,13 +294,21 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
 
     vae_holder: list[Any] = []
 
+    def vae() -> Any:
+        """The VAE the latents were encoded with: loaded only to draw samples and write a single file."""
+        if not vae_holder:
+            if components.pipeline is not None and not params.cache.vae:
+                vae_holder.append(components.pipeline.vae)
+            else:
+                key = "cache.vae" if params.cache.vae else "model.base"
+                vae_holder.append(find_vae(params.cache.vae or params.model.base, key, params.model.config).load().vae)
+        return vae_holder[0]
+
     def sample(name: str) -> None:
         """Draw train.sample_prompts with the current weights into samples/<name>.png and TensorBoard."""
         if not (cfg.sample_prompts and accelerator.is_main_process):
             return
-        if not vae_holder:  # the VAE is only needed to draw samples: load it the first time
-            vae_holder.append(find_vae(params.cache.vae or params.model.base, "model.base").load().vae)
-        images = render(components, accelerator.unwrap_model(unet), vae_holder[0], cfg.sample_prompts, accelerator.device)
+        images = render(components, accelerator.unwrap_model(unet), vae(), cfg.sample_prompts, accelerator.device)
         grid = save_grid(images, run_dir / "samples" / f"{name}.png")
         logger.image(global_step, "samples", grid)
 
@@ -383,16 +408,23 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     if accelerator.is_main_process:
         summary = {"family": components.family, "tag_frequency": tag_frequency or {}}
         plan = read_table(paths.plan)
-        summary["train_images"] = sum(not row["is_reg"] for row in plan)
+        summary["train_images"] = sum(not row["is_reg"] and row["image_id"] not in holdout for row in plan)
         summary["reg_images"] = sum(row["is_reg"] and row["repeats"] > 0 for row in plan)
         resolved = hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        output = run_dir / f"{cfg.output_name}.safetensors"
+        metadata = lora_metadata(params, summary, global_step, loader.epoch, resolved)
         if cfg.mode == "full":
-            output = run_dir / "diffusers"
-            save_full_model(components, accelerator.unwrap_model(unet), output)
+            trained_unet = accelerator.unwrap_model(unet)
+            save_full_model(components, trained_unet, run_dir / "diffusers")
+            # The single file A1111 and ComfyUI load: original key names, the VAE the latents came from.
+            save_single_file(
+                output, components.family, trained_unet, vae(), components.text_encoders,
+                {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items() if not key.startswith("ss_network")},
+                SAVE_DTYPES[cfg.save_precision],
+            )
         else:
             networks = [("lora_unet", accelerator.unwrap_model(unet)), *te_networks]
-            output = run_dir / f"{cfg.output_name}.safetensors"
-            save_kohya_lora(output, kohya_state_dict(networks, cfg.network_alpha), lora_metadata(params, summary, global_step, loader.epoch, resolved))
+            save_kohya_lora(output, kohya_state_dict(networks, cfg.network_alpha, SAVE_DTYPES[cfg.save_precision]), metadata)
         result.output = output
         if cfg.save_diffusers_lora and cfg.mode == "lora":
             save_diffusers_lora(

@@ -9,15 +9,23 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import KilnError
 from pipeline.latents import LatentStore
 from pipeline.objective import DiffusionObjective
 
 
-def held_out(plan: list[dict[str, Any]], fraction: float) -> frozenset[str]:
-    """Train images whose image_id hashes below `fraction`: stable as images are added or removed."""
-    if fraction <= 0:
-        return frozenset()
+def held_out(plan: list[dict[str, Any]], fraction: float, folder: str | None = None) -> frozenset[str]:
+    """The validation images: every image under `folder` (a path relative to the data source), and the
+    train images whose image_id hashes below `fraction` (stable as images are added or removed)."""
     chosen = set()
+    if folder:
+        prefix = folder.strip("/") + "/"
+        chosen.update(row["image_id"] for row in plan if row["path"].startswith(prefix))
+        if not chosen:
+            example = f" (paths look like {plan[0]['path']!r})" if plan else ""
+            raise KilnError(f"train.validation_folder: no planned image is under {folder!r}{example}")
+    if fraction <= 0:
+        return frozenset(chosen)
     for row in plan:
         position = int(hashlib.sha256(f"validation:{row['image_id']}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         if not row["is_reg"] and position < fraction:

@@ -38,7 +38,7 @@ def main(
     loaded = load(params, overrides)
     result = cache.run(
         loaded.cache, loaded.model.base, loaded.bucket.interpolation,
-        cache.CachePaths(buckets, files, data_root, store), gc=gc,
+        cache.CachePaths(buckets, files, data_root, store), gc=gc, base_config=loaded.model.config,
     )
     console.print(
         f"cache: {result.encoded} encoded, {result.reused} reused, {result.repaired} repaired, "

@@ -282,10 +282,63 @@ def test_full_fine_tune_up_blocks_only(sd15, tmp_path):
     from pipeline.presets import preset_dir
 
     project, plan = sd15
-    result = run(params_for("tiny-sd15", mode="full", up_blocks_only=True, max_train_steps=2, learning_rate=1e-3), paths(project, plan, tmp_path))
-    assert result.output == tmp_path / "kiln" / "diffusers"
-    pipeline = StableDiffusionPipeline.from_pretrained(result.output, safety_checker=None)  # a complete folder
+    result = run(
+        params_for("tiny-sd15", mode="full", up_blocks_only=True, max_train_steps=2, learning_rate=1e-3, save_precision="float"),
+        paths(project, plan, tmp_path),
+    )
+    assert result.output == tmp_path / "kiln" / "kiln.safetensors"
+    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "kiln" / "diffusers", safety_checker=None)  # a complete folder
     base = UNet2DConditionModel.from_pretrained(preset_dir("tiny-sd15"), subfolder="unet")
     trained, original = pipeline.unet.state_dict(), base.state_dict()
     changed = {name for name in original if not torch.equal(trained[name], original[name])}
     assert changed and all(name.startswith("up_blocks.") for name in changed)
+    # The single file carries the same trained weights under the original names, which diffusers reads back.
+    single = StableDiffusionPipeline.from_single_file(str(result.output), config=str(preset_dir("tiny-sd15")))
+    assert all(torch.equal(value, trained[name]) for name, value in single.unet.state_dict().items())
+    with safe_open(str(result.output), "pt") as handle:
+        assert "model.diffusion_model.output_blocks.0.0.in_layers.0.weight" in handle.keys()
+        assert handle.metadata()["ss_steps"] == "2" and "ss_network_dim" not in handle.metadata()
+
+
+def test_train_from_a_single_file_base_with_model_config(sd15, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from pipeline.presets import preset_dir
+    from pipeline.single_file import save_single_file
+
+    base = StableDiffusionPipeline.from_pretrained(preset_dir("tiny-sd15"), safety_checker=None)
+    checkpoint = save_single_file(tmp_path / "base.safetensors", "sd", base.unet, base.vae, [base.text_encoder], {})
+    project, plan = sd15
+    settings = validate_params(
+        {"model": {"base": str(checkpoint), "config": "tiny-sd15"}, "bucket": {"resolution": 256},
+         "train": {"batch_size": 2, "workers": 0, "max_train_steps": 5, "learning_rate": 1e-3, "network_dim": 4, "network_alpha": 2.0}}
+    )
+    from_file = run(settings, paths(project, plan, tmp_path / "file"))
+    from_folder = run(params_for("tiny-sd15", max_train_steps=5, learning_rate=1e-3), paths(project, plan, tmp_path / "folder"))
+    assert from_file.losses == pytest.approx(from_folder.losses, abs=1e-5)  # the same model, read from one file
+
+
+def test_v_parameterization_overrides_the_scheduler(sd15, tmp_path):
+    project, plan = sd15
+    settings = params_for("tiny-sd15", max_train_steps=1, mode="full", save_precision="float")
+    settings = settings.model_copy(update={"model": settings.model.model_copy(update={"v_parameterization": True})})
+    run(settings, paths(project, plan, tmp_path))
+    config = json.loads((tmp_path / "kiln" / "diffusers" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == "v_prediction"
+
+
+def test_validation_folder_is_never_trained_on(sd15, tmp_path):
+    from pipeline.errors import KilnError
+    from pipeline.tables import read_table
+
+    project, plan = sd15
+    rows = read_table(plan)
+    folder = next(row["path"] for row in rows if not row["is_reg"]).rsplit("/", 1)[0]
+    held = {row["image_id"] for row in rows if row["path"].startswith(folder + "/")}
+    settings = {"max_train_steps": 2, "validation_folder": folder, "validate_every": 1, "log_timesteps": True, "batch_size": 1}
+    result = run(params_for("tiny-sd15", **settings), paths(project, plan, tmp_path))
+    assert len(result.validation_losses) == 2 and all(loss > 0 for loss in result.validation_losses)
+    trained_on = {row["image_id"] for row in read_table(tmp_path / "kiln" / "logs" / "timesteps.parquet")}
+    assert trained_on and not trained_on & held
+    with pytest.raises(KilnError, match="train.validation_folder: no planned image is under 'nowhere'"):
+        run(params_for("tiny-sd15", validation_folder="nowhere"), paths(project, plan, tmp_path / "b"))

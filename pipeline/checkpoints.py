@@ -26,13 +26,16 @@ def _weights(params: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(
     root: Path, name: str, params: list[torch.nn.Parameter], optimizer: Any, scheduler: Any,
-    state: dict[str, Any], keep_last: int,
+    state: dict[str, Any], keep_last: int, extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
+    """extra_weights: more safetensors files for the folder, e.g. {"ema": the EMA's tensors}."""
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / name, root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(_weights(params), str(tmp / "weights.safetensors"))
+    for file_name, tensors in (extra_weights or {}).items():
+        save_file(tensors, str(tmp / f"{file_name}.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"cpu": torch.get_rng_state()}

@@ -12,6 +12,12 @@ from typing import Any
 
 import torch
 
+from pipeline import timesteps as timestep_draws
+from pipeline.losses import LossResult, LossSettings
+from pipeline.losses import compute as compute_loss
+from pipeline.noise import NoiseSettings, input_perturbation, training_noise, warn_zero_terminal_snr
+from pipeline.noise import zero_terminal_snr as rescale_zero_terminal_snr
+
 
 @dataclass
 class NoisyBatch:
@@ -22,26 +28,42 @@ class NoisyBatch:
 
 
 class DiffusionObjective:
-    """DDPM forward process (Ho et al. 2020) with epsilon or v targets (Salimans & Ho 2022, section 4)."""
+    """DDPM forward process (Ho et al. 2020) with epsilon or v targets (Salimans & Ho 2022, section 4).
 
-    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str):
+    The noise (offset, pyramid, input perturbation), the schedule (zero terminal SNR), the timestep
+    distribution and the loss are configured here and computed in their own modules.
+    """
+
+    def __init__(
+        self, alphas_cumprod: torch.Tensor, prediction_type: str, loss: LossSettings | None = None,
+        noise: NoiseSettings | None = None, zero_terminal_snr: bool = False, log_norm_timesteps: bool = False,
+    ):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be epsilon or v_prediction, not {prediction_type!r}")
         self.alphas_cumprod = alphas_cumprod.double()
+        if zero_terminal_snr:
+            self.alphas_cumprod = rescale_zero_terminal_snr(self.alphas_cumprod)
+            warn_zero_terminal_snr(prediction_type)
         self.prediction_type = prediction_type
         self.num_train_timesteps = len(alphas_cumprod)
+        self.loss_settings = loss or LossSettings()
+        self.noise_settings = noise or NoiseSettings()
+        self.log_norm_timesteps = log_norm_timesteps
 
     @classmethod
-    def from_scheduler(cls, scheduler: Any, prediction_type: str | None = None) -> DiffusionObjective:
+    def from_scheduler(cls, scheduler: Any, prediction_type: str | None = None, **settings: Any) -> DiffusionObjective:
         """From a diffusers noise scheduler (its betas, and its prediction_type unless overridden)."""
-        return cls(scheduler.alphas_cumprod, prediction_type or scheduler.config.prediction_type)
+        return cls(scheduler.alphas_cumprod, prediction_type or scheduler.config.prediction_type, **settings)
 
-    def sample_timesteps(self, low: torch.Tensor, high: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Uniform integers in [low, high) per sample; where low == high, exactly that value."""
-        uniform = torch.rand(low.shape, generator=generator, dtype=torch.float64)
-        span = (high - low).clamp_min(0).double()
-        timesteps = low.double() + torch.floor(uniform * span)
-        return timesteps.long().clamp(0, self.num_train_timesteps - 1)
+    def sample_timesteps(
+        self, low: torch.Tensor, high: torch.Tensor, generator: torch.Generator, global_step: int = 0,
+        max_train_steps: int | None = None,
+    ) -> torch.Tensor:
+        """Per-sample timesteps in [low, high): uniform, or log-normal with use_log_norm_timesteps."""
+        if self.log_norm_timesteps:
+            mu = timestep_draws.log_norm_mu(global_step, max_train_steps)
+            return timestep_draws.log_normal(low, high, mu, generator, self.num_train_timesteps)
+        return timestep_draws.uniform(low, high, generator, self.num_train_timesteps)
 
     def _scales(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         alpha_bar = self.alphas_cumprod.to(timesteps.device)[timesteps]
@@ -49,30 +71,38 @@ class DiffusionObjective:
         return alpha_bar.sqrt().view(shape).to(like.dtype), (1 - alpha_bar).sqrt().view(shape).to(like.dtype)
 
     def prepare(self, latents: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator) -> NoisyBatch:
-        """x_t = sqrt(a_bar) x_0 + sqrt(1 - a_bar) eps; the target is eps, or v = sqrt(a_bar) eps - sqrt(1 - a_bar) x_0."""
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-        return self.with_noise(latents, timesteps, noise)
+        """x_t = sqrt(a_bar) x_0 + sqrt(1 - a_bar) eps; the target is eps, or v = sqrt(a_bar) eps - sqrt(1 - a_bar) x_0.
 
-    def with_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
-        """The same forward process with given noise (fixed noise makes a stable validation curve)."""
+        eps carries the configured offset and pyramid noise; with input perturbation the model's input
+        is made with eps + γ·ξ while the target keeps eps.
+        """
+        noise = training_noise(latents, self.noise_settings, generator)
+        return self.with_noise(latents, timesteps, noise, input_perturbation(noise, self.noise_settings, generator))
+
+    def with_noise(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, input_noise: torch.Tensor | None = None,
+    ) -> NoisyBatch:
+        """The forward process with given noise (fixed noise makes a stable validation curve)."""
         signal, sigma = self._scales(timesteps, latents)
-        noisy = signal * latents + sigma * noise
+        noisy = signal * latents + sigma * (noise if input_noise is None else input_noise)
         target = noise if self.prediction_type == "epsilon" else signal * noise - sigma * latents
         return NoisyBatch(noisy, timesteps, noise, target)
+
+    def compute_loss(
+        self, model_pred: torch.Tensor, batch: NoisyBatch, loss_weight: torch.Tensor,
+        masks: torch.Tensor | None = None, global_step: int = 0,
+    ) -> LossResult:
+        """The configured loss, with its Fourier component (pipeline.losses)."""
+        return compute_loss(
+            model_pred, batch.target, batch.timesteps, self.alphas_cumprod, self.loss_settings, loss_weight.to(model_pred.device),
+            self.prediction_type == "v_prediction", masks, global_step,
+        )
 
     def loss(
         self, model_pred: torch.Tensor, batch: NoisyBatch, loss_weight: torch.Tensor,
         masks: torch.Tensor | None = None, global_step: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """MSE per element, mask-weighted, spatially averaged per sample, times each sample's weight.
-
-        Returns (the batch loss, the per-sample losses). A mask is normalised to mean 1 per sample, so the
-        masked loss keeps the unmasked scale (sd-trainer's masked score estimation).
-        """
-        del global_step  # the plain MSE does not depend on it; step-scheduled losses do
-        error = (model_pred.float() - batch.target.float()) ** 2  # (B, C, H, W)
-        if masks is not None:
-            weights = masks.float() / masks.float().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
-            error = error * weights
-        per_sample = error.mean(dim=(1, 2, 3)) * loss_weight.float()
-        return per_sample.mean(), per_sample
+        """(the batch loss, the per-sample losses). A mask is normalised to mean 1 per sample, so the
+        masked loss keeps the unmasked scale (sd-trainer's masked score estimation)."""
+        result = self.compute_loss(model_pred, batch, loss_weight, masks, global_step)
+        return result.loss, result.per_sample

@@ -474,6 +474,19 @@ class SamplePrompt(BaseModel):
     """Image height in pixels."""
 
 
+# The Fourier-loss presets (train.fourier_config): each fills the fourier_* keys the user did not set.
+FOURIER_PRESETS: dict[str, dict[str, Any]] = {
+    "conservative": {"fourier_weight": 0.01, "fourier_mode": "basic", "fourier_norm": "l2", "fourier_high_freq_weight": 1.5, "fourier_warmup_steps": 500},
+    "balanced": {"fourier_weight": 0.05, "fourier_mode": "weighted", "fourier_norm": "l2", "fourier_high_freq_weight": 2.0, "fourier_warmup_steps": 300},
+    "aggressive": {"fourier_weight": 0.10, "fourier_mode": "multiscale", "fourier_norm": "l1", "fourier_scales": [1, 2, 4], "fourier_warmup_steps": 200},
+    "super_resolution": {
+        "fourier_weight": 0.08, "fourier_mode": "adaptive", "fourier_norm": "l2", "fourier_adaptive_max_weight": 3.0,
+        "fourier_adaptive_min_weight": 1.0, "fourier_warmup_steps": 400,
+    },
+    "fine_detail": {"fourier_weight": 0.12, "fourier_mode": "weighted", "fourier_norm": "l1", "fourier_high_freq_weight": 2.5, "fourier_warmup_steps": 100},
+}
+
+
 class TrainParams(Section):
     SECTION: ClassVar[str] = "train"
 
@@ -501,8 +514,10 @@ class TrainParams(Section):
     """Chance of training the horizontally flipped latent; an image's yaml flip_p overrides it. Needs
     flipped latents in the cache (cache.flip_latents)."""
 
-    cond_dropout: float = Field(0.0, ge=0, le=1, validation_alias=_aliases("cond_dropout", "caption_dropout_rate"))
-    """Chance of training with an empty caption (EveryDream2 `cond_dropout`, kohya `caption_dropout_rate`)."""
+    cond_dropout: float = Field(0.04, ge=0, le=1, validation_alias=_aliases("cond_dropout", "caption_dropout_rate"))
+    """Chance of training with an empty caption (EveryDream2 `cond_dropout`, default 0.04; kohya
+    `caption_dropout_rate`). The empty caption is encoded as the model's pipeline encodes an empty
+    prompt: tokens for SD 1.x/2.x, zeros for SDXL (its force_zeros_for_empty_prompt)."""
 
     shuffle_tags: bool = Field(False, validation_alias=_aliases("shuffle_tags", "shuffle_caption"))
     """Shuffle the comma-separated parts of the caption after the first keep_tags (EveryDream2
@@ -620,8 +635,154 @@ class TrainParams(Section):
     max_timestep: int = Field(1000, ge=0, le=1000, validation_alias=_aliases("max_timestep", "timestep_end"))
     """Highest training timestep, exclusive; equal to min_timestep means that one timestep."""
 
+    reg_min_timestep: int | None = Field(None, ge=0, le=1000)
+    """Lowest timestep for regularisation images, inclusive; unset, the train range's min_timestep."""
+
+    reg_max_timestep: int | None = Field(None, ge=0, le=1000)
+    """Highest timestep for regularisation images, exclusive; unset, the train range's max_timestep."""
+
+    use_log_norm_timesteps: bool = False
+    """Draw timesteps as round(250·s) with s ~ LogNormal(μ, 1), μ = 0.65 × step / max_train_steps (0.65
+    when the total is unknown), within each sample's range (meant for the l2 loss)."""
+
     masked_loss: bool = False
-    """Weight the loss by each image's cached mask (images without one weigh 1 everywhere)."""
+    """Weight the loss by each image's cached mask, normalised so the masked mean keeps the unmasked
+    scale (sd-trainer's masked score estimation); images without a mask weigh 1 everywhere."""
+
+    # --- noise ------------------------------------------------------------------------------------
+    noise_offset: float = Field(0.0, ge=0, validation_alias=_aliases("noise_offset", "zero_frequency_noise_ratio"))
+    """Add a per-sample, per-channel constant N(0, 1) × noise_offset to the noise, so the model learns
+    overall brightness (kohya `noise_offset`; EveryDream2's `zero_frequency_noise_ratio` is an alias)."""
+
+    noise_offset_random_strength: bool = False
+    """Scale noise_offset by a uniform draw in [0, 1) each step (kohya)."""
+
+    adaptive_noise_scale: float | None = None
+    """Add adaptive_noise_scale × |mean of each latent channel| to noise_offset (kohya; clamped at 0)."""
+
+    multires_noise_iterations: int = Field(0, ge=0)
+    """Pyramid (multi-resolution) noise: add this many upsampled lower-resolution noise levels (kohya
+    `multires_noise_iterations`; 6 to 10 is usual). 0 is off."""
+
+    multires_noise_discount: float = Field(0.3, gt=0, le=1)
+    """Weight of each coarser level: discount ** level (kohya `multires_noise_discount`)."""
+
+    pyramid_noise_discount: float | None = Field(None, gt=0, le=1)
+    """EveryDream2's pyramid noise: this discount with 10 levels (or multires_noise_iterations if set)."""
+
+    ip_noise_gamma: float = Field(0.0, ge=0)
+    """Input-perturbation noise (Ning et al. 2023): the model sees noise + γ·ξ while the target keeps
+    the plain noise (kohya `ip_noise_gamma`)."""
+
+    ip_noise_gamma_random_strength: bool = False
+    """Scale ip_noise_gamma by a uniform draw in [0, 1) each step (kohya)."""
+
+    zero_terminal_snr: bool = Field(False, validation_alias=_aliases("zero_terminal_snr", "enable_zero_terminal_snr"))
+    """Rescale the betas so the last timestep has zero SNR (Lin et al. 2023); meant for v-prediction
+    (a warning otherwise). EveryDream2 `enable_zero_terminal_snr`."""
+
+    # --- loss -------------------------------------------------------------------------------------
+    loss_type: Literal["mse", "l2", "l1", "huber", "smooth_l1", "mse_huber", "huber_mse", "fourier"] = "mse"
+    """mse (alias l2), l1, huber and smooth_l1 (kohya, with huber_c and huber_schedule), EveryDream2's
+    mse_huber (MSE at timestep 0 to Huber at 999) and huber_mse (the reverse), or fourier (the
+    fourier_norm base loss plus a frequency-domain term)."""
+
+    huber_c: float = Field(0.1, gt=0, le=1)
+    """The Huber threshold (kohya `huber_c`); the base value of huber_schedule."""
+
+    huber_schedule: Literal["constant", "exponential", "snr"] = "snr"
+    """How huber_c varies with the timestep (kohya): constant; exponential, exp(−ln(1/c)·t/T) from 1 at
+    t = 0 to c at T; snr, (1 − c)/(1 + σ_t)² + c."""
+
+    fourier_config: Literal["conservative", "balanced", "aggressive", "super_resolution", "fine_detail"] | None = None
+    """A preset that fills the fourier_* keys; keys set explicitly override it."""
+
+    fourier_weight: float = Field(0.05, ge=0)
+    """Weight w of the frequency-domain term: loss = base + w·F."""
+
+    fourier_mode: Literal["basic", "weighted", "multiscale", "adaptive"] = "weighted"
+    """basic: F on the magnitude spectra; weighted: high frequencies weigh up to fourier_high_freq_weight;
+    multiscale: F averaged over fourier_scales; adaptive: weighted, with the weight falling from
+    fourier_adaptive_max_weight to fourier_adaptive_min_weight over training."""
+
+    fourier_norm: Literal["l1", "l2"] = "l2"
+    """The base loss (l2: MSE, l1: L1) and the distance between the spectra."""
+
+    fourier_high_freq_weight: float = Field(2.0, gt=0)
+    """Weight of the highest frequencies in the weighted mode (clamped to [1, 3])."""
+
+    fourier_scales: list[int] = Field(default_factory=lambda: [1, 2, 4])
+    """Average-pooling factors of the multiscale mode."""
+
+    fourier_scale_weights: list[float] | None = None
+    """Weights of fourier_scales (default 1/scale)."""
+
+    fourier_warmup_steps: int = Field(300, ge=0)
+    """The frequency term is zero before this step."""
+
+    fourier_adaptive_max_weight: float = Field(3.0, gt=0)
+    """The adaptive mode's high-frequency weight at the start of training."""
+
+    fourier_adaptive_min_weight: float = Field(1.0, gt=0)
+    """The adaptive mode's high-frequency weight at the end of training."""
+
+    min_snr_gamma: float | None = Field(None, gt=0)
+    """Min-SNR weighting (Hang et al. 2023): each sample's loss × min(SNR, γ)/SNR, or min(SNR, γ)/(SNR + 1)
+    for v-prediction. 5 is the paper's value."""
+
+    debiased_estimation_loss: bool = False
+    """Weight each sample's loss by 1/√SNR (1/(SNR + 1) for v-prediction), kohya's debiased estimation."""
+
+    # --- conditioning ------------------------------------------------------------------------------
+    embedding_perturbation: float = Field(0.0, ge=0)
+    """Add Gaussian noise with std γ/√d to the text encoder's output (d its width; arXiv 2405.20494)."""
+
+    clip_skip: int = Field(1, ge=1, le=4)
+    """Text-encoder layer to use, counted from the end: 1 the last, 2 the penultimate with the final
+    layer norm applied as A1111 does. SD 2.x and SDXL count back from the layer diffusers already uses."""
+
+    # --- EMA -------------------------------------------------------------------------------------
+    ema_decay_rate: float | None = Field(None, gt=0, lt=1)
+    """Keep an exponential moving average of the trained weights with this decay (EveryDream2); unset is off."""
+
+    ema_strength_target: float | None = Field(None, gt=0, lt=1)
+    """Compute ema_decay_rate from decay^(total_steps / ema_update_interval) = target (EveryDream2)."""
+
+    ema_update_interval: int = Field(500, ge=1)
+    """Update the EMA every this many optimizer steps (EveryDream2)."""
+
+    ema_device: Literal["cpu", "cuda"] = "cpu"
+    """Where the EMA weights live: cpu saves GPU memory; cuda is faster."""
+
+    ema_resume_model: str | None = None
+    """EMA weights to start from (a `<name>_ema.safetensors` Kiln wrote); `--resume` restores them anyway."""
+
+    ema_sample_ema_model: bool | None = None
+    """Draw the sample prompts with the EMA weights (default when EMA is on)."""
+
+    ema_sample_nonema_model: bool | None = None
+    """Draw the sample prompts with the trained (non-EMA) weights (default only when EMA is off)."""
+
+    # --- rectified flow ------------------------------------------------------------------------------
+    rectified_flow: bool = False
+    """Train with the rectified-flow objective (EveryDream2): x_t = t·x1 + (1 − t)·x0, predict x1 − x0.
+    Needs a v-prediction base."""
+
+    reflow_steps: int = Field(0, ge=0)
+    """Reflow iterations before the main epochs: generate (noise, ODE solution) pairs with the model and
+    train on them, which straightens its trajectories. Needs rectified_flow."""
+
+    reflow_gen_batches: int = Field(4, ge=1)
+    """Batches of the dataset each reflow iteration generates pairs from."""
+
+    reflow_train_epochs: int = Field(1, ge=1)
+    """Epochs over the generated pairs in each reflow iteration."""
+
+    reflow_sample_steps: int | None = Field(None, ge=1)
+    """Euler steps of each reflow ODE solve; falls back to sample_steps, then 50."""
+
+    sample_steps: int | None = Field(None, ge=1)
+    """Default sampler steps (EveryDream2); used by reflow when reflow_sample_steps is unset."""
 
     sample_prompts: list[SamplePrompt] = Field(default_factory=list)
     """Images to draw while training: a list of {prompt, negative_prompt, seed, steps, cfg, width, height}."""
@@ -666,13 +827,49 @@ class TrainParams(Section):
         # YAML 1.1 readers (PyYAML) turn an unquoted `no` into False; DVC writes params.yaml unquoted.
         return "no" if value is False else value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fourier_preset(cls, data: Any) -> Any:
+        # A preset fills the fourier_* keys the user did not set.
+        if isinstance(data, dict) and data.get("fourier_config") in FOURIER_PRESETS:
+            data = {**FOURIER_PRESETS[data["fourier_config"]], **data}
+        return data
+
     @model_validator(mode="after")
     def _timestep_range(self) -> TrainParams:
         if self.min_timestep > self.max_timestep:
             raise ParamsError(
                 f"train.min_timestep: must be ≤ train.max_timestep (got {self.min_timestep} > {self.max_timestep})"
             )
+        low, high = self.reg_timestep_range
+        if low > high:
+            raise ParamsError(
+                f"train.reg_min_timestep: must be ≤ train.reg_max_timestep (got {low} > {high}; an unset one takes "
+                "the train range's value)"
+            )
+        if any(scale < 1 for scale in self.fourier_scales) or not self.fourier_scales:
+            raise ParamsError(f"train.fourier_scales: must be one or more integers ≥ 1 (got {self.fourier_scales})")
+        if self.fourier_scale_weights is not None and len(self.fourier_scale_weights) != len(self.fourier_scales):
+            raise ParamsError(
+                f"train.fourier_scale_weights: needs one weight per scale in fourier_scales {self.fourier_scales} "
+                f"(got {len(self.fourier_scale_weights)})"
+            )
+        if self.reflow_steps and not self.rectified_flow:
+            raise ParamsError("train.reflow_steps: reflow trains with the rectified-flow objective; set train.rectified_flow: true")
+        if self.ema_strength_target is not None and self.ema_decay_rate is not None:
+            raise ParamsError("train.ema_strength_target: set it or ema_decay_rate, not both (the target computes the rate)")
         return self
+
+    @property
+    def reg_timestep_range(self) -> tuple[int, int]:
+        """[low, high) for regularisation images: their own keys, each defaulting to the train range's."""
+        low = self.min_timestep if self.reg_min_timestep is None else self.reg_min_timestep
+        high = self.max_timestep if self.reg_max_timestep is None else self.reg_max_timestep
+        return low, high
+
+    @property
+    def ema_enabled(self) -> bool:
+        return self.ema_decay_rate is not None or self.ema_strength_target is not None
 
 
 class Params(BaseModel):

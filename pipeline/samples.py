@@ -12,11 +12,19 @@ from pipeline.params import SamplePrompt
 from pipeline.sd import SDComponents
 
 
-def render(components: SDComponents, unet: Any, vae: Any, prompts: list[SamplePrompt], device: Any) -> list[Image.Image]:
-    """One image per prompt, each from its own seed, with an Euler sampler on the base's schedule."""
+def render(
+    components: SDComponents, unet: Any, vae: Any, prompts: list[SamplePrompt], device: Any, clip_skip: int = 1,
+    zero_terminal_snr: bool = False,
+) -> list[Image.Image]:
+    """One image per prompt, each from its own seed, with an Euler sampler on the base's schedule.
+
+    clip_skip is the trainer's (1 = last layer); diffusers counts the layers skipped. A zero-terminal-SNR
+    model samples with the rescaled betas from the last timestep ("trailing"), as Lin et al. prescribe.
+    """
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    scheduler = EulerDiscreteScheduler.from_config(components.noise_scheduler.config)
+    extra = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if zero_terminal_snr else {}
+    scheduler = EulerDiscreteScheduler.from_config(components.noise_scheduler.config, **extra)
     modules: dict[str, Any] = {
         "vae": vae.to(device), "unet": unet, "scheduler": scheduler,
         "text_encoder": components.text_encoders[0], "tokenizer": components.tokenizers[0],
@@ -37,6 +45,7 @@ def render(components: SDComponents, unet: Any, vae: Any, prompts: list[SamplePr
                 result = pipeline(
                     prompt.prompt, negative_prompt=prompt.negative_prompt or None, num_inference_steps=prompt.steps,
                     guidance_scale=prompt.cfg, width=prompt.width, height=prompt.height, generator=generator,
+                    clip_skip=clip_skip - 1 or None,
                 )
                 images.append(result.images[0])
     finally:

@@ -26,6 +26,9 @@ class SDComponents:
     scaling_factor: float
     folder: Path  # the base: a diffusers folder, or a single checkpoint file
     pipeline: Any = None  # for a single-file base, the pipeline it was read into (it holds the VAE)
+    # SDXL's pipelines encode an empty prompt as zeros (force_zeros_for_empty_prompt), so its
+    # unconditional embedding, which caption dropout trains, is zeros too.
+    zero_empty_prompt: bool = False
 
     @property
     def prediction_type(self) -> str:
@@ -85,6 +88,7 @@ def load_components(spec: str, key: str = "model.base", config: str | None = Non
         return SDComponents(
             "sdxl" if xl else "sd", pipeline.unet, encoders, tokenizers, scheduler,
             float(pipeline.vae.config.scaling_factor), folder, pipeline,
+            xl and bool(pipeline.config.get("force_zeros_for_empty_prompt", True)),
         )
     if not (folder / "model_index.json").is_file():
         raise KilnError(
@@ -104,16 +108,26 @@ def load_components(spec: str, key: str = "model.base", config: str | None = Non
     except (OSError, ValueError) as exc:
         raise KilnError(f"{key}: cannot load the model from {folder} ({exc.__class__.__name__}: {exc})") from None
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    index = json.loads((folder / "model_index.json").read_text())
     for encoder in encoders:
         encoder.requires_grad_(False)
-    return SDComponents("sdxl" if xl else "sd", unet, encoders, tokenizers, scheduler, float(vae_config["scaling_factor"]), folder)
+    return SDComponents(
+        "sdxl" if xl else "sd", unet, encoders, tokenizers, scheduler, float(vae_config["scaling_factor"]), folder,
+        zero_empty_prompt=xl and bool(index.get("force_zeros_for_empty_prompt", True)),
+    )
 
 
-def encode_text(components: SDComponents, captions: list[str], device: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_text(
+    components: SDComponents, captions: list[str], device: Any, clip_skip: int = 1, perturbation: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """encoder_hidden_states (B, 77, D), and for SDXL the pooled embedding of the second encoder.
 
-    SD 1.x/2.x take the last hidden state; SDXL concatenates both encoders' penultimate hidden states,
-    as its pipeline does. An empty caption (caption dropout) is encoded like any other text.
+    SD 1.x/2.x take the last hidden state, or with clip_skip N the N-th from the end passed through the
+    final layer norm, as A1111 does (SD 2.x counts from the layer diffusers' encoder already ends at).
+    SDXL concatenates both encoders' penultimate hidden states, as its pipeline does (clip_skip counts
+    back from there), and encodes an empty caption as zeros. `perturbation` γ adds N(0, γ²/D) noise to
+    the embeddings (embedding_perturbation, arXiv 2405.20494).
     """
     states, pooled = [], None
     for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
@@ -122,11 +136,24 @@ def encode_text(components: SDComponents, captions: list[str], device: Any) -> t
         ids = ids.to(device)
         if components.family == "sdxl":
             output = encoder(ids, output_hidden_states=True)
-            states.append(output.hidden_states[-2])
+            states.append(output.hidden_states[-(clip_skip + 1)])
             pooled = output[0]  # the projection model's text_embeds (used from the second encoder)
-        else:
+        elif clip_skip == 1:
             states.append(encoder(ids)[0])
-    return torch.cat(states, dim=-1), pooled
+        else:
+            hidden = encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+            # transformers 5 flattened CLIPTextModel; older versions keep the layers under text_model.
+            states.append(getattr(encoder, "text_model", encoder).final_layer_norm(hidden))
+    hidden_states = torch.cat(states, dim=-1)
+    if components.zero_empty_prompt:
+        empty = torch.tensor([not caption.strip() for caption in captions], device=hidden_states.device)
+        if empty.any():
+            hidden_states = torch.where(empty.view(-1, 1, 1), torch.zeros_like(hidden_states), hidden_states)
+            pooled = torch.where(empty.view(-1, 1), torch.zeros_like(pooled), pooled)
+    if perturbation > 0:
+        noise = torch.randn(hidden_states.shape, generator=generator, dtype=torch.float32).to(hidden_states)
+        hidden_states = hidden_states + noise * (perturbation / hidden_states.shape[-1] ** 0.5)
+    return hidden_states, pooled
 
 
 def set_attention(unet: Any, attn_type: str) -> None:

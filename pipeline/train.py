@@ -21,7 +21,14 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.ema import EMA, decay_for_target
 from pipeline.errors import KilnError
+from pipeline.flow import (
+    RectifiedFlowObjective,
+    check_rectified_flow,
+    generate_reflow_pairs,
+    reflow_sample_steps,
+)
 from pipeline.latents import LatentStore
 from pipeline.loader import make_loader
 from pipeline.lora import (
@@ -33,8 +40,10 @@ from pipeline.lora import (
     save_diffusers_lora,
     save_kohya_lora,
 )
+from pipeline.losses import LossSettings
 from pipeline.models import find_vae
 from pipeline.monitor import RunLogger, lora_block_magnitudes
+from pipeline.noise import NoiseSettings
 from pipeline.objective import DiffusionObjective
 from pipeline.optim import build_optimizer, build_scheduler, scaled_lr
 from pipeline.params import Params, TrainParams, load_params
@@ -42,6 +51,7 @@ from pipeline.samples import render, save_grid
 from pipeline.sd import encode_text, load_components, set_attention
 from pipeline.single_file import save_single_file
 from pipeline.tables import read_table, write_table
+from pipeline.timesteps import ranges as timestep_ranges
 from pipeline.validation import Validator, held_out
 
 log = logging.getLogger(__name__)
@@ -55,7 +65,21 @@ TIMESTEPS_SCHEMA = pa.schema(
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # What EveryDream2's load_settings_every_epoch may change mid-run (those Kiln defines).
-RELOADABLE = ("save_every_n_epochs", "zero_frequency_noise_ratio", "min_snr_gamma", "clip_skip")
+# zero_frequency_noise_ratio is Kiln's noise_offset (its alias).
+RELOADABLE = ("save_every_n_epochs", "noise_offset", "min_snr_gamma", "clip_skip")
+
+# The technique settings every LoRA and single file records as ss_<name> (kohya's names where kohya has one).
+TECHNIQUE_FIELDS = (
+    "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations",
+    "multires_noise_discount", "pyramid_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength",
+    "zero_terminal_snr", "min_timestep", "max_timestep", "reg_min_timestep", "reg_max_timestep",
+    "use_log_norm_timesteps", "loss_type", "huber_c", "huber_schedule", "fourier_config", "fourier_weight",
+    "fourier_mode", "fourier_norm", "fourier_high_freq_weight", "fourier_scales", "fourier_scale_weights",
+    "fourier_warmup_steps", "fourier_adaptive_max_weight", "fourier_adaptive_min_weight", "min_snr_gamma",
+    "debiased_estimation_loss", "masked_loss", "cond_dropout", "embedding_perturbation", "clip_skip",
+    "ema_decay_rate", "ema_strength_target", "ema_update_interval", "rectified_flow", "reflow_steps",
+    "reflow_gen_batches", "reflow_train_epochs", "reflow_sample_steps",
+)
 
 
 @dataclass(frozen=True)
@@ -162,7 +186,13 @@ def _resolve_seed(params: Params, checkpoint_dir: Path, resume: str | None) -> P
 def lora_metadata(params: Params, summary: dict[str, Any], steps: int, epochs: int, resolved_hash: str) -> dict[str, Any]:
     """kohya-style `ss_*` training metadata (values become strings when saved)."""
     cfg = params.train
-    return {
+    techniques = {f"ss_{name}": str(getattr(cfg, name)) for name in TECHNIQUE_FIELDS}
+    techniques["ss_caption_dropout_rate"] = str(cfg.cond_dropout)  # kohya's name for cond_dropout
+    techniques["ss_debiased_estimation"] = str(cfg.debiased_estimation_loss)
+    techniques["ss_v_parameterization"] = str(summary.get("prediction_type") == "v_prediction")
+    if summary.get("ema_decay") is not None:
+        techniques["ss_ema_decay_rate"] = str(summary["ema_decay"])  # the rate used, also when from a target
+    return techniques | {
         "ss_network_module": "networks.lora", "ss_network_dim": str(cfg.network_dim),
         "ss_network_alpha": str(cfg.network_alpha), "ss_network_dropout": str(cfg.network_dropout),
         "ss_network_args": {"conv_dim": cfg.conv_dim, "conv_alpha": cfg.conv_alpha} if cfg.conv_dim else {},
@@ -172,10 +202,9 @@ def lora_metadata(params: Params, summary: dict[str, Any], steps: int, epochs: i
         "ss_tag_frequency": summary.get("tag_frequency", {}), "ss_steps": str(steps), "ss_epoch": str(epochs),
         "ss_seed": str(cfg.seed), "ss_learning_rate": str(cfg.learning_rate),
         "ss_text_encoder_lr": str(cfg.text_encoder_lr or cfg.learning_rate), "ss_optimizer": cfg.optimizer,
-        "ss_lr_scheduler": cfg.lr_scheduler, "ss_loss_type": "l2", "ss_prior_loss_weight": str(params.balance.prior_loss_weight),
-        "ss_min_timestep": str(cfg.min_timestep), "ss_max_timestep": str(cfg.max_timestep),
+        "ss_lr_scheduler": cfg.lr_scheduler, "ss_prior_loss_weight": str(params.balance.prior_loss_weight),
         "ss_batch_size_per_device": str(cfg.batch_size), "ss_gradient_accumulation_steps": str(cfg.grad_accum),
-        "ss_mixed_precision": cfg.mixed_precision, "ss_masked_loss": str(cfg.masked_loss),
+        "ss_mixed_precision": cfg.mixed_precision,
         "kiln_version": __version__, "kiln_params_sha256": resolved_hash,
     }
 
@@ -238,7 +267,25 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     # --- optimizer, schedule, objective ----------------------------------------------------------
     optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, dict(cfg.optimizer_args))
     scheduler = build_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, total_steps, cfg.lr_decay_steps)
-    objective = DiffusionObjective.from_scheduler(components.noise_scheduler)
+
+    def build_objective(cfg: TrainParams) -> DiffusionObjective:
+        return DiffusionObjective.from_scheduler(
+            components.noise_scheduler, loss=LossSettings.from_params(cfg, total_steps), noise=NoiseSettings.from_params(cfg),
+            zero_terminal_snr=cfg.zero_terminal_snr, log_norm_timesteps=cfg.use_log_norm_timesteps,
+        )
+
+    objective = build_objective(cfg)
+    flow = None
+    if cfg.rectified_flow:
+        check_rectified_flow(components.prediction_type)
+        flow = RectifiedFlowObjective(objective.num_train_timesteps)
+    if cfg.use_log_norm_timesteps and cfg.loss_type not in ("mse", "l2"):
+        log.warning("train.use_log_norm_timesteps is meant for the l2 loss; loss_type is %s", cfg.loss_type)
+    reg_range = cfg.reg_timestep_range
+    log.info(
+        "timesteps: train [%d, %d), reg [%d, %d)%s", cfg.min_timestep, cfg.max_timestep, *reg_range,
+        ", log-normal" if cfg.use_log_norm_timesteps else "",
+    )
     validator = None
     if holdout and not isinstance(paths.store, str):
         index = {row["cache_key"]: row for row in read_table(paths.index)}
@@ -250,6 +297,18 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     for encoder in components.text_encoders:
         encoder.to(accelerator.device)
     trainable = [p for group in groups for p in group["params"]]
+
+    # --- EMA (EveryDream2) -------------------------------------------------------------------------
+    ema = None
+    if cfg.ema_enabled:
+        decay = cfg.ema_decay_rate or decay_for_target(cfg.ema_strength_target, total_steps, cfg.ema_update_interval)
+        if cfg.ema_strength_target is not None:
+            log.info("ema: strength target %s over %d steps gives ema_decay_rate %.8f", cfg.ema_strength_target, total_steps, decay)
+        ema = EMA(trainable, decay, cfg.ema_update_interval, cfg.ema_device if torch.cuda.is_available() else "cpu")
+        if cfg.ema_resume_model:
+            ema.load(Path(cfg.ema_resume_model))
+    sample_ema = cfg.ema_sample_ema_model if cfg.ema_sample_ema_model is not None else ema is not None
+    sample_plain = cfg.ema_sample_nonema_model if cfg.ema_sample_nonema_model is not None else ema is None
 
     # --- resume ----------------------------------------------------------------------------------
     global_step = 0
@@ -265,6 +324,8 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
             raise KilnError(f"{source}: saved with train.seed={state['loader']['seed']}, but this run has {cfg.seed}")
         global_step = state["global_step"]
         loader.load_state_dict(state["loader"])
+        if ema is not None and (source / "ema.safetensors").is_file():
+            ema.load(source / "ema.safetensors")
         log.info("resumed from %s at step %d", source, global_step)
 
     # --- interrupts: save, then tell the user how to continue ------------------------------------
@@ -283,7 +344,7 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
         model.eval()
 
         def predict(noisy: torch.Tensor, timesteps: torch.Tensor, captions: list[str], time_ids: torch.Tensor) -> torch.Tensor:
-            states, pooled = encode_text(components, captions, accelerator.device)
+            states, pooled = encode_text(components, captions, accelerator.device, cfg.clip_skip)
             extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(noisy)}} if pooled is not None else {}
             return model(noisy.to(accelerator.device), timesteps.to(accelerator.device), encoder_hidden_states=states, **extra).sample
 
@@ -308,15 +369,64 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
         """Draw train.sample_prompts with the current weights into samples/<name>.png and TensorBoard."""
         if not (cfg.sample_prompts and accelerator.is_main_process):
             return
-        images = render(components, accelerator.unwrap_model(unet), vae(), cfg.sample_prompts, accelerator.device)
-        grid = save_grid(images, run_dir / "samples" / f"{name}.png")
-        logger.image(global_step, "samples", grid)
+        def draw(file_name: str, tag: str) -> None:
+            images = render(
+                components, accelerator.unwrap_model(unet), vae(), cfg.sample_prompts, accelerator.device,
+                cfg.clip_skip, cfg.zero_terminal_snr,
+            )
+            grid = save_grid(images, run_dir / "samples" / f"{file_name}.png")
+            logger.image(global_step, tag, grid)
+
+        if sample_plain:
+            draw(name, "samples")
+        if sample_ema and ema is not None:
+            with ema.swapped():
+                draw(f"{name}-ema", "samples_ema")
 
     def checkpoint(name: str) -> Path:
         return save_checkpoint(
             checkpoint_dir, name, trainable, optimizer, scheduler,
             {"global_step": global_step, "loader": loader.state_dict()}, keep_last=cfg.save_last_n,
+            extra_weights={"ema": ema.state_dict()} if ema is not None else None,
         )
+
+    def velocity_of(batch: dict[str, Any]) -> Any:
+        """The UNet as a velocity field under one batch's conditioning (rectified flow's ODE)."""
+        states, pooled = encode_text(components, batch["captions"], accelerator.device, cfg.clip_skip)
+        extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": batch["time_ids"].to(states)}} if pooled is not None else {}
+        return lambda x, t: unet(x, t, encoder_hidden_states=states, **extra).sample
+
+    def reflow() -> None:
+        """EveryDream2's reflow: pairs (noise, the model's Euler solution) from reflow_gen_batches batches,
+        then reflow_train_epochs epochs on them, reflow_steps times, before the main loop."""
+        steps = reflow_sample_steps(cfg.reflow_sample_steps, cfg.sample_steps)
+        position = loader.state_dict()  # reflow borrows batches; the main loop starts where it would have
+        peak_lrs = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:  # at the peak lr: warmup would otherwise start it at zero
+            group["lr"] = group.get("initial_lr", group["lr"])
+        try:
+            for iteration in range(cfg.reflow_steps):
+                generator = _batch_generator(cfg.seed, -1 - iteration, 0)
+                batches = (
+                    (batch["latents"].to(accelerator.device) * scaling, batch) for batch in loader
+                )
+                pairs = generate_reflow_pairs(velocity_of, batches, cfg.reflow_gen_batches, steps, generator, flow.num_train_timesteps)
+                loader.load_state_dict(position)
+                losses = []
+                for _ in range(cfg.reflow_train_epochs):
+                    for noise, target_latents, batch in pairs:
+                        noisy = flow.prepare(target_latents.to(accelerator.device), generator, noise=noise.to(accelerator.device))
+                        prediction = velocity_of(batch)(noisy.noisy_latents, noisy.timesteps)
+                        loss, _ = flow.loss(prediction, noisy, batch["loss_weight"].to(accelerator.device))
+                        accelerator.backward(loss)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        losses.append(loss.item())
+                log.info("reflow %d/%d: %d pairs of batches, mean loss %.4f", iteration + 1, cfg.reflow_steps, len(pairs), sum(losses) / max(len(losses), 1))
+        finally:
+            for group, lr in zip(optimizer.param_groups, peak_lrs, strict=True):
+                group["lr"] = lr
+            loader.load_state_dict(position)
 
     # --- the loop ----------------------------------------------------------------------------------
     logger = RunLogger(run_dir, accelerator.is_main_process)
@@ -327,29 +437,43 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     # Throughput is timed from the end of the first step, which pays for allocation and kernel choice.
     started, images = None, 0
     try:
+        if flow is not None and cfg.reflow_steps and global_step == 0:
+            reflow()
         while global_step < total_steps:
             epoch = loader.epoch
             if cfg.load_settings_every_epoch and paths.params_file and global_step > 0:
                 cfg = reload_settings(cfg, paths.params_file, paths.overrides)
+                objective = build_objective(cfg)
             for micro_step, batch in enumerate(loader):
                 with accelerator.accumulate(unet):
                     generator = _batch_generator(cfg.seed, epoch, getattr(loader, "batch_index", micro_step))
                     latents = batch["latents"].to(accelerator.device) * scaling
-                    states, pooled = encode_text(components, batch["captions"], accelerator.device)
+                    states, pooled = encode_text(
+                        components, batch["captions"], accelerator.device, cfg.clip_skip, cfg.embedding_perturbation, generator,
+                    )
                     size = latents.shape[0]
-                    timesteps = objective.sample_timesteps(
-                        torch.full((size,), cfg.min_timestep), torch.full((size,), cfg.max_timestep), generator
-                    ).to(accelerator.device)
-                    noisy = objective.prepare(latents, timesteps, generator)
+                    if flow is not None:
+                        noisy = flow.prepare(latents, generator)
+                        timesteps = noisy.timesteps
+                    else:
+                        low, high = timestep_ranges(batch["is_reg"], (cfg.min_timestep, cfg.max_timestep), reg_range)
+                        timesteps = objective.sample_timesteps(low, high, generator, global_step, total_steps).to(accelerator.device)
+                        noisy = objective.prepare(latents, timesteps, generator)
                     extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": batch["time_ids"].to(latents)}} if pooled is not None else {}
                     if cfg.log_timesteps:
                         sampled.extend(
-                            {"global_step": global_step, "image_id": image_id, "is_reg": bool(reg), "timestep": int(t)}
+                            {"global_step": global_step, "image_id": image_id, "is_reg": bool(reg), "timestep": round(t)}
                             for image_id, reg, t in zip(batch["image_ids"], batch["is_reg"], timesteps.tolist(), strict=True)
                         )
                     model_pred = unet(noisy.noisy_latents, timesteps, encoder_hidden_states=states, **extra).sample
                     masks = batch["masks"].to(latents) if cfg.masked_loss and batch["masks"] is not None else None
-                    loss, _ = objective.loss(model_pred, noisy, batch["loss_weight"].to(accelerator.device), masks, global_step)
+                    weights = batch["loss_weight"].to(accelerator.device)
+                    fourier = None
+                    if flow is not None:
+                        loss, _ = flow.loss(model_pred, noisy, weights, masks, global_step)
+                    else:
+                        outcome = objective.compute_loss(model_pred, noisy, weights, masks, global_step)
+                        loss, fourier = outcome.loss, outcome.fourier_component
                     accelerator.backward(loss)
                     grad_norm = None
                     if accelerator.sync_gradients and cfg.clip_grad_norm:
@@ -363,6 +487,8 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
                     images += size
                 if accelerator.sync_gradients:
                     global_step += 1
+                    if ema is not None:
+                        ema.step(global_step)
                     result.losses.append(loss.item())
                     progress.update()
                     rate = images / (time.perf_counter() - started) if started and images else 0.0
@@ -373,13 +499,17 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
                         values.update({f"lr/group_{i}": lr for i, lr in enumerate(scheduler.get_last_lr())})
                         if grad_norm is not None:
                             values["grad_norm"] = float(grad_norm)
+                        if fourier is not None:
+                            values["fourier_component"] = fourier.mean().item()
                         if torch.cuda.is_available():
                             values["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                         values.update(lora_block_magnitudes(accelerator.unwrap_model(unet)) if cfg.mode == "lora" else {})
                         if validating:
                             result.validation_losses.append(validation_loss())
                             values["validation_loss"] = result.validation_losses[-1]
-                        logger.scalars(global_step, {k: v for k, v in values.items() if v is not None}, ("loss", "lr", "validation_loss"))
+                        logger.scalars(
+                            global_step, {k: v for k, v in values.items() if v is not None}, ("loss", "lr", "validation_loss", "fourier_component"),
+                        )
                         logger.histogram(global_step, "timesteps", timesteps)
                     if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0 and accelerator.is_main_process:
                         checkpoint(f"step-{global_step:08d}")
@@ -406,25 +536,34 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     result.global_step = global_step
     result.images_per_second = images / max(time.perf_counter() - started, 1e-9) if started else 0.0
     if accelerator.is_main_process:
-        summary = {"family": components.family, "tag_frequency": tag_frequency or {}}
+        summary = {
+            "family": components.family, "tag_frequency": tag_frequency or {}, "prediction_type": components.prediction_type,
+            "ema_decay": ema.decay if ema is not None else None,
+        }
         plan = read_table(paths.plan)
         summary["train_images"] = sum(not row["is_reg"] and row["image_id"] not in holdout for row in plan)
         summary["reg_images"] = sum(row["is_reg"] and row["repeats"] > 0 for row in plan)
         resolved = hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
         output = run_dir / f"{cfg.output_name}.safetensors"
         metadata = lora_metadata(params, summary, global_step, loader.epoch, resolved)
+        def save_outputs(path: Path) -> None:
+            if cfg.mode == "full":
+                # The single file A1111 and ComfyUI load: original key names, the VAE the latents came from.
+                save_single_file(
+                    path, components.family, accelerator.unwrap_model(unet), vae(), components.text_encoders,
+                    {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items() if not key.startswith("ss_network")},
+                    SAVE_DTYPES[cfg.save_precision],
+                )
+            else:
+                networks = [("lora_unet", accelerator.unwrap_model(unet)), *te_networks]
+                save_kohya_lora(path, kohya_state_dict(networks, cfg.network_alpha, SAVE_DTYPES[cfg.save_precision]), metadata)
+
         if cfg.mode == "full":
-            trained_unet = accelerator.unwrap_model(unet)
-            save_full_model(components, trained_unet, run_dir / "diffusers")
-            # The single file A1111 and ComfyUI load: original key names, the VAE the latents came from.
-            save_single_file(
-                output, components.family, trained_unet, vae(), components.text_encoders,
-                {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items() if not key.startswith("ss_network")},
-                SAVE_DTYPES[cfg.save_precision],
-            )
-        else:
-            networks = [("lora_unet", accelerator.unwrap_model(unet)), *te_networks]
-            save_kohya_lora(output, kohya_state_dict(networks, cfg.network_alpha, SAVE_DTYPES[cfg.save_precision]), metadata)
+            save_full_model(components, accelerator.unwrap_model(unet), run_dir / "diffusers")
+        save_outputs(output)
+        if ema is not None:
+            with ema.swapped():
+                save_outputs(run_dir / f"{cfg.output_name}_ema.safetensors")
         result.output = output
         if cfg.save_diffusers_lora and cfg.mode == "lora":
             save_diffusers_lora(

@@ -88,6 +88,22 @@ def test_loading_a_single_file_base_needs_its_configs_offline(tmp_path):
         load_components(str(path))
 
 
+def test_a_legacy_ckpt_base_loads_without_unpickling_code(tmp_path):
+    pipeline = StableDiffusionPipeline.from_pretrained(preset_dir("tiny-sd15"), safety_checker=None)
+    state = original_state_dict("sd", pipeline.unet, pipeline.vae, [pipeline.text_encoder])
+    torch.save({"state_dict": state}, tmp_path / "base.ckpt")  # A1111's .ckpt nesting
+    components = load_components(str(tmp_path / "base.ckpt"), config="tiny-sd15")
+    assert_same_weights(pipeline.unet, components.unet)
+    # A .ckpt that holds a pickled object, not only tensors, is refused (weights_only=True).
+    torch.save({"state_dict": state, "hook": EvilButHarmless()}, tmp_path / "evil.ckpt")
+    with pytest.raises(KilnError, match="evil.ckpt is not a readable checkpoint"):
+        load_components(str(tmp_path / "evil.ckpt"), config="tiny-sd15")
+
+
+class EvilButHarmless:
+    """Stands for an arbitrary pickled object: loading it would run its module's code."""
+
+
 def test_a_damaged_single_file_names_the_file(tmp_path):
     path = tmp_path / "broken.safetensors"
     path.write_bytes(b"not a checkpoint")

@@ -812,7 +812,7 @@ class TrainParams(Section):
 
     load_settings_every_epoch: bool = False
     """Re-read params.yaml at each epoch start and apply the keys EveryDream2 lets change mid-run
-    (save_every_n_epochs; zero_frequency_noise_ratio, min_snr_gamma and clip_skip where defined); any
+    (save_every_n_epochs, zero_frequency_noise_ratio / noise_offset, min_snr_gamma, clip_skip); any
     other changed key is refused with a warning."""
 
     log_timesteps: bool = False

@@ -342,3 +342,99 @@ def test_validation_folder_is_never_trained_on(sd15, tmp_path):
     assert trained_on and not trained_on & held
     with pytest.raises(KilnError, match="train.validation_folder: no planned image is under 'nowhere'"):
         run(params_for("tiny-sd15", validation_folder="nowhere"), paths(project, plan, tmp_path / "b"))
+
+
+def with_model(settings, **model):
+    return settings.model_copy(update={"model": settings.model.model_copy(update=model)})
+
+
+EVERY_TECHNIQUE = {
+    "noise_offset": 0.05, "noise_offset_random_strength": True, "adaptive_noise_scale": 0.01,
+    "multires_noise_iterations": 4, "multires_noise_discount": 0.3, "ip_noise_gamma": 0.1,
+    "ip_noise_gamma_random_strength": True, "zero_terminal_snr": True, "min_timestep": 100, "max_timestep": 900,
+    "reg_min_timestep": 500, "reg_max_timestep": 1000, "use_log_norm_timesteps": True, "loss_type": "fourier",
+    "fourier_config": "balanced", "fourier_warmup_steps": 5, "min_snr_gamma": 5.0, "debiased_estimation_loss": True,
+    "masked_loss": True, "cond_dropout": 0.2, "embedding_perturbation": 0.1, "clip_skip": 2,
+    "ema_strength_target": 0.5, "ema_update_interval": 2, "log_timesteps": True, "log_step": 1,
+}
+
+
+def test_every_technique_at_once(sd15, tmp_path):
+    from pipeline.tables import read_table
+    from pipeline.train import TECHNIQUE_FIELDS
+
+    project, plan = sd15
+    settings = with_model(params_for("tiny-sd15", max_train_steps=20, learning_rate=1e-3, **EVERY_TECHNIQUE), v_parameterization=True)
+    result = run(settings, paths(project, plan, tmp_path))
+    assert result.global_step == 20 and all(torch.isfinite(torch.tensor(result.losses)))
+    with safe_open(str(result.output), "pt") as handle:
+        metadata = handle.metadata()
+    # Every technique's setting is recorded, under kohya's name where kohya has one.
+    for name in TECHNIQUE_FIELDS:
+        assert f"ss_{name}" in metadata, name
+    assert metadata["ss_loss_type"] == "fourier" and metadata["ss_fourier_mode"] == "weighted" and metadata["ss_fourier_weight"] == "0.05"
+    assert metadata["ss_noise_offset"] == "0.05" and metadata["ss_multires_noise_iterations"] == "4"
+    assert metadata["ss_reg_min_timestep"] == "500" and metadata["ss_min_timestep"] == "100"
+    assert metadata["ss_caption_dropout_rate"] == "0.2" and metadata["ss_clip_skip"] == "2"
+    assert metadata["ss_v_parameterization"] == "True" and metadata["ss_zero_terminal_snr"] == "True"
+    assert float(metadata["ss_ema_decay_rate"]) == pytest.approx(0.5 ** (2 / 20))  # decay^(20 / 2) = 0.5
+    # Reg and train samples drew from their own ranges.
+    drawn = read_table(tmp_path / "kiln" / "logs" / "timesteps.parquet")
+    assert all(500 <= row["timestep"] < 1000 for row in drawn if row["is_reg"])
+    assert all(100 <= row["timestep"] < 900 for row in drawn if not row["is_reg"])
+    # The Fourier component is logged next to the loss, zero during its warmup.
+    fourier = (tmp_path / "kiln" / "plots" / "metrics" / "fourier_component.tsv").read_text().splitlines()
+    values = [float(line.split("\t")[1]) for line in fourier[1:]]
+    assert values[:4] == [0.0] * 4 and all(value > 0 for value in values[5:])
+    # The EMA weights are saved next to the output, and differ from the trained ones.
+    ema = load_file(str(tmp_path / "kiln" / "kiln_ema.safetensors"))
+    trained = load_file(str(result.output))
+    assert ema.keys() == trained.keys() and any(not torch.equal(ema[key], trained[key]) for key in ema)
+
+
+def test_ema_is_saved_in_checkpoints_and_resumes_exactly(sd15, tmp_path):
+    project, plan = sd15
+    settings = {"ema_decay_rate": 0.9, "ema_update_interval": 1, "learning_rate": 1e-3}
+    straight = run(params_for("tiny-sd15", max_train_steps=4, **settings), paths(project, plan, tmp_path / "a"))
+    run(params_for("tiny-sd15", max_train_steps=2, save_every_n_steps=2, **settings), paths(project, plan, tmp_path / "b"))
+    assert (tmp_path / "b" / "kiln" / "checkpoints" / "step-00000002" / "ema.safetensors").is_file()
+    run(params_for("tiny-sd15", max_train_steps=4, **settings), paths(project, plan, tmp_path / "b"), resume="latest")
+    a = load_file(str(tmp_path / "a" / "kiln" / "kiln_ema.safetensors"))
+    b = load_file(str(tmp_path / "b" / "kiln" / "kiln_ema.safetensors"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert straight.output.is_file()
+
+
+def test_ema_samples_are_drawn_with_each_model_asked_for(sd15, tmp_path):
+    project, plan = sd15
+    prompt = {"prompt": "sks circle", "seed": 1, "steps": 2, "width": 64, "height": 64}
+    settings = {"ema_decay_rate": 0.5, "ema_update_interval": 1, "sample_prompts": [prompt], "sample_every_n_steps": 2,
+                "max_train_steps": 2, "ema_sample_nonema_model": True, "learning_rate": 1e-2}
+    run(params_for("tiny-sd15", **settings), paths(project, plan, tmp_path))
+    samples = tmp_path / "kiln" / "samples"
+    assert sorted(path.name for path in samples.iterdir()) == ["step-00000002-ema.png", "step-00000002.png"]
+    assert (samples / "step-00000002-ema.png").read_bytes() != (samples / "step-00000002.png").read_bytes()
+
+
+def test_rectified_flow_needs_a_v_prediction_base(sd15, tmp_path):
+    from pipeline.errors import KilnError
+
+    project, plan = sd15
+    with pytest.raises(KilnError, match="train.rectified_flow: needs a v-prediction base model, but this one predicts epsilon"):
+        run(params_for("tiny-sd15", rectified_flow=True), paths(project, plan, tmp_path))
+
+
+def test_rectified_flow_with_reflow_trains(sd15, tmp_path, caplog):
+    import logging
+
+    project, plan = sd15
+    settings = params_for(
+        "tiny-sd15", max_train_steps=3, rectified_flow=True, reflow_steps=1, reflow_gen_batches=2, reflow_sample_steps=3,
+        learning_rate=1e-3, log_timesteps=True,
+    )
+    with caplog.at_level(logging.INFO, logger="pipeline.train"):
+        result = run(with_model(settings, v_parameterization=True), paths(project, plan, tmp_path))
+    assert result.global_step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert "reflow 1/1: 2 pairs of batches" in caplog.text
+    with safe_open(str(result.output), "pt") as handle:
+        assert handle.metadata()["ss_rectified_flow"] == "True" and handle.metadata()["ss_reflow_steps"] == "1"

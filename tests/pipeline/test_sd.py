@@ -1,0 +1,86 @@
+"""Text conditioning: clip_skip, embedding perturbation, and the empty caption of caption dropout."""
+
+import pytest
+import torch
+
+from pipeline.params import validate_params
+from pipeline.sd import encode_text, load_components
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return load_components("tiny-sd15")
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return load_components("tiny-sdxl")
+
+
+def token_ids(components, captions, index=0):
+    tokenizer = components.tokenizers[index]
+    return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def test_clip_skip_takes_the_penultimate_layer_through_the_final_layer_norm(sd15):
+    captions = ["a photo of sks circle", ""]
+    encoder = sd15.text_encoders[0]
+    with torch.no_grad():
+        default, _ = encode_text(sd15, captions, "cpu")
+        skipped, _ = encode_text(sd15, captions, "cpu", clip_skip=2)
+        # Independently: run the layers by hand and apply the final layer norm, as A1111 does.
+        model = getattr(encoder, "text_model", encoder)
+        outputs = encoder(token_ids(sd15, captions), output_hidden_states=True)
+        expected_last = model.final_layer_norm(outputs.hidden_states[-1])
+        expected_penultimate = model.final_layer_norm(outputs.hidden_states[-2])
+    torch.testing.assert_close(default, expected_last)
+    torch.testing.assert_close(skipped, expected_penultimate)
+    assert not torch.allclose(default, skipped)
+
+
+def test_sdxl_clip_skip_counts_back_from_the_penultimate_layer(sdxl):
+    with torch.no_grad():
+        default, pooled = encode_text(sdxl, ["sks"], "cpu")
+        skipped, _ = encode_text(sdxl, ["sks"], "cpu", clip_skip=2)
+        first = sdxl.text_encoders[0](token_ids(sdxl, ["sks"]), output_hidden_states=True).hidden_states
+        second = sdxl.text_encoders[1](token_ids(sdxl, ["sks"], 1), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(default, torch.cat([first[-2], second[-2]], dim=-1))
+    torch.testing.assert_close(skipped, torch.cat([first[-3], second[-3]], dim=-1))
+    assert default.shape[-1] == 32 + 48 and pooled.shape == (1, 32)
+
+
+def test_an_empty_caption_is_encoded_as_each_pipeline_encodes_an_empty_prompt(sd15, sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    from pipeline.presets import preset_dir
+
+    with torch.no_grad():
+        states, pooled = encode_text(sdxl, ["sks circle", ""], "cpu")
+        # SDXL's pipeline gives zeros for no negative prompt (force_zeros_for_empty_prompt): the unconditional input.
+        pipeline = StableDiffusionXLPipeline.from_pretrained(preset_dir("tiny-sdxl"))
+        _, negative, _, negative_pooled = pipeline.encode_prompt("sks circle", negative_prompt=None, do_classifier_free_guidance=True)
+        sd_states, _ = encode_text(sd15, [""], "cpu")
+    torch.testing.assert_close(states[1:], negative)
+    torch.testing.assert_close(pooled[1:], negative_pooled)
+    assert states[1].abs().sum() == 0 and states[0].abs().sum() > 0
+    # SD 1.x encodes the empty prompt's tokens (BOS, EOS, padding), as its pipeline does for "".
+    assert sd_states.abs().sum() > 0
+
+
+def test_embedding_perturbation_has_std_gamma_over_root_d(sd15):
+    captions = ["sks"] * 64
+    with torch.no_grad():
+        clean, _ = encode_text(sd15, captions, "cpu")
+        noisy, _ = encode_text(sd15, captions, "cpu", perturbation=0.5, generator=torch.Generator().manual_seed(0))
+        again, _ = encode_text(sd15, captions, "cpu", perturbation=0.5, generator=torch.Generator().manual_seed(0))
+    delta = noisy - clean
+    expected = 0.5 / clean.shape[-1] ** 0.5
+    assert delta.std().item() == pytest.approx(expected, rel=0.02)  # 64 x 77 x 32 draws
+    assert abs(delta.mean().item()) < 3 * expected / delta.numel() ** 0.5
+    torch.testing.assert_close(noisy, again)  # seeded by the step's generator: resumable
+
+
+def test_cond_dropout_default_and_kohya_alias():
+    assert validate_params({}).train.cond_dropout == 0.04
+    assert validate_params({"train": {"caption_dropout_rate": 0.1}}).train.cond_dropout == 0.1
+    assert validate_params({"train": {"clip_skip": 2}}).train.clip_skip == 2

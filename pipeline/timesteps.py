@@ -63,7 +63,9 @@ def log_normal(
         upper = (top[pending].double() + 0.5) / LOG_NORM_SCALE
         cdf_low = torch.special.ndtr(torch.log(lower) - mu)  # log(0) = -inf gives 0
         cdf_high = torch.special.ndtr(torch.log(upper) - mu)
-        u = torch.rand(lower.shape, generator=generator, dtype=torch.float64)
+        # One uniform per sample, used where pending: a sample's value depends only on its own draws, so
+        # the train samples come out the same whatever range the reg samples have.
+        u = torch.rand(size, generator=generator, dtype=torch.float64)[pending]
         quantile = (cdf_low + u * (cdf_high - cdf_low)).clamp(1e-300, 1 - 1e-16)
         draw = torch.round(LOG_NORM_SCALE * torch.exp(mu + torch.special.ndtri(quantile)))
         # Where the tail's mass underflows, the quantile clamps: keep the value inside the range anyway.

@@ -247,6 +247,10 @@ def test_load_settings_every_epoch_applies_only_reloadable_keys(tmp_path, caplog
         again = reload_settings(updated, params_file, ())
     assert again.learning_rate == 1e-4
     assert "train.learning_rate changed" in caplog.text and "cannot change mid-run; ignored" in caplog.text
+    # EveryDream2's reloadable technique keys, under their EveryDream2 names.
+    params_file.write_text("train:\n  save_every_n_epochs: 2\n  zero_frequency_noise_ratio: 0.1\n  min_snr_gamma: 5\n  clip_skip: 2\n")
+    techniques = reload_settings(again, params_file, ())
+    assert (techniques.noise_offset, techniques.min_snr_gamma, techniques.clip_skip) == (0.1, 5.0, 2)
 
 
 def test_two_process_accelerate_launch(sd15, tmp_path):

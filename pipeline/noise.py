@@ -66,16 +66,17 @@ def offset_noise(noise: torch.Tensor, latents: torch.Tensor, settings: NoiseSett
 
 
 def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, generator: torch.Generator) -> torch.Tensor:
-    """Add `iterations` coarser noise levels, each upsampled bilinearly and weighted discount ** level.
+    """Add `iterations` noise levels i = 0, 1, ..., each upsampled bilinearly and weighted discount ** i.
 
-    Level i has a resolution 1/r^i of the latents, with r drawn uniformly in [2, 4) per level; it stops
-    at a 1-pixel level. The sum is rescaled to unit std (kohya's and EveryDream2's pyramid noise).
+    Level i has a resolution 1/r^i of the latents, with r drawn uniformly in [2, 4) per level, so level 0
+    is a second full-resolution draw, as in kohya's and EveryDream2's loops; it stops at a 1-pixel level.
+    The sum is rescaled to unit std.
     """
     if iterations <= 0:
         return noise
     batch, channels, height, width = noise.shape
     total = noise.float().clone()
-    for level in range(1, iterations + 1):
+    for level in range(iterations):
         ratio = 2 + 2 * _uniform(generator)
         low_h, low_w = max(1, int(height / ratio**level)), max(1, int(width / ratio**level))
         coarse = torch.randn((batch, channels, low_h, low_w), generator=generator, dtype=torch.float32).to(noise.device)

@@ -51,10 +51,11 @@ class EMA:
     def swapped(self) -> Iterator[None]:
         """The EMA weights in the model for the duration (sampling, saving), the trained ones restored after."""
         saved = [p.detach().clone() for p in self.parameters]
-        with torch.no_grad():
-            for shadow, param in zip(self.shadow, self.parameters, strict=True):
-                param.copy_(shadow.to(param.device, param.dtype))
         try:
+            # Inside the try: a failure part-way through the copy (out of memory) still restores them all.
+            with torch.no_grad():
+                for shadow, param in zip(self.shadow, self.parameters, strict=True):
+                    param.copy_(shadow.to(param.device, param.dtype))
             yield
         finally:
             with torch.no_grad():
@@ -74,11 +75,22 @@ class EMA:
         """Restore the shadows from `save()`'s file (ema_resume_model, or a checkpoint's ema.safetensors)."""
         if not path.is_file():
             raise KilnError(f"train.ema_resume_model: {path} does not exist")
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types, which do not name the file
+            raise KilnError(f"{path}: not a readable safetensors file of EMA weights ({exc})") from exc
         if len(state) != len(self.shadow):
             raise KilnError(f"{path}: holds {len(state)} EMA tensors, but this run trains {len(self.shadow)}; was it written for another network?")
+        expected = [f"{index:05d}" for index in range(len(self.shadow))]
+        if sorted(state) != expected:
+            raise KilnError(
+                f"{path}: its tensors are not named as Kiln's EMA file names them (00000, 00001, ...); "
+                "was it written by something else, such as the LoRA or model weights?"
+            )
         for index, shadow in enumerate(self.shadow):
-            tensor = state[f"{index:05d}"]
+            tensor = state[expected[index]]
             if tensor.shape != shadow.shape:
                 raise KilnError(f"{path}: EMA tensor {index} has shape {tuple(tensor.shape)}, the trained one {tuple(shadow.shape)}")
-            shadow.copy_(tensor)
+        # Copied only once all are checked, so a refused file leaves the shadows as they were.
+        for key, shadow in zip(expected, self.shadow, strict=True):
+            shadow.copy_(state[key])

@@ -113,9 +113,10 @@ def timestep_weight(snr_values: torch.Tensor, settings: LossSettings, v_predicti
             # min(SNR, γ)/SNR tends to 1 as SNR → 0 (a zero-terminal-SNR last step): use the limit there.
             weight = torch.where(snr_values > 0, clipped / snr_values.clamp_min(1e-30), torch.ones_like(snr_values))
     if settings.debiased_estimation:
-        # kohya clamps the SNR at 1000; the floor keeps a zero-terminal-SNR step finite for ε.
-        bounded = snr_values.clamp(min=1e-3, max=1000)
-        debiased = 1 / (bounded + 1) if v_prediction else 1 / bounded.sqrt()
+        # kohya clamps the SNR at 1000. For ε a floor keeps 1/√SNR finite (at most √1000) near a
+        # zero-terminal-SNR step; 1/(SNR + 1) is finite there already, so v takes no floor.
+        bounded = snr_values.clamp(max=1000)
+        debiased = 1 / (bounded + 1) if v_prediction else 1 / bounded.clamp_min(1e-3).sqrt()
         weight = debiased if weight is None else weight * debiased
     return weight
 

@@ -442,3 +442,14 @@ def test_rectified_flow_with_reflow_trains(sd15, tmp_path, caplog):
     assert "reflow 1/1: 2 pairs of batches" in caplog.text
     with safe_open(str(result.output), "pt") as handle:
         assert handle.metadata()["ss_rectified_flow"] == "True" and handle.metadata()["ss_reflow_steps"] == "1"
+
+
+def test_ema_of_a_full_fine_tune_is_saved_as_its_own_single_file(sd15, tmp_path):
+    project, plan = sd15
+    settings = {"mode": "full", "up_blocks_only": True, "max_train_steps": 2, "learning_rate": 1e-2,
+                "ema_decay_rate": 0.5, "ema_update_interval": 1, "save_precision": "float"}
+    result = run(params_for("tiny-sd15", **settings), paths(project, plan, tmp_path))
+    trained, ema = load_file(str(result.output)), load_file(str(tmp_path / "kiln" / "kiln_ema.safetensors"))
+    assert trained.keys() == ema.keys()
+    differs = {key for key in trained if not torch.equal(trained[key], ema[key])}
+    assert differs and all(key.startswith("model.diffusion_model.output_blocks.") for key in differs)

@@ -196,7 +196,8 @@ def lora_metadata(params: Params, summary: dict[str, Any], steps: int, epochs: i
         "ss_network_module": "networks.lora", "ss_network_dim": str(cfg.network_dim),
         "ss_network_alpha": str(cfg.network_alpha), "ss_network_dropout": str(cfg.network_dropout),
         "ss_network_args": {"conv_dim": cfg.conv_dim, "conv_alpha": cfg.conv_alpha} if cfg.conv_dim else {},
-        "ss_base_model_version": "sdxl_base_v1-0" if summary.get("family") == "sdxl" else "sd_v1",
+        "ss_base_model_version": {"sdxl": "sdxl_base_v1-0", "sd2": "sd_v2"}.get(summary.get("family", ""), "sd_v1"),
+        "ss_v2": str(summary.get("family") == "sd2"),
         "ss_sd_model_name": params.model.base, "ss_resolution": str(tuple(params.bucket.resolution)),
         "ss_num_train_images": str(summary.get("train_images", 0)), "ss_num_reg_images": str(summary.get("reg_images", 0)),
         "ss_tag_frequency": summary.get("tag_frequency", {}), "ss_steps": str(steps), "ss_epoch": str(epochs),
@@ -537,7 +538,9 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     result.images_per_second = images / max(time.perf_counter() - started, 1e-9) if started else 0.0
     if accelerator.is_main_process:
         summary = {
-            "family": components.family, "tag_frequency": tag_frequency or {}, "prediction_type": components.prediction_type,
+            # SD 2.x: the OpenCLIP ViT-H text encoder, 1024 wide (kohya's ss_v2).
+            "family": "sd2" if components.family == "sd" and components.text_encoders[0].config.hidden_size == 1024 else components.family,
+            "tag_frequency": tag_frequency or {}, "prediction_type": components.prediction_type,
             "ema_decay": ema.decay if ema is not None else None,
         }
         plan = read_table(paths.plan)

@@ -453,3 +453,12 @@ def test_ema_of_a_full_fine_tune_is_saved_as_its_own_single_file(sd15, tmp_path)
     assert trained.keys() == ema.keys()
     differs = {key for key in trained if not torch.equal(trained[key], ema[key])}
     assert differs and all(key.startswith("model.diffusion_model.output_blocks.") for key in differs)
+
+
+def test_base_model_version_in_the_metadata():
+    from pipeline.train import lora_metadata
+
+    settings = params_for("tiny-sd15")
+    versions = {family: lora_metadata(settings, {"family": family}, 1, 1, "0" * 64) for family in ("sd", "sd2", "sdxl")}
+    assert [versions[f]["ss_base_model_version"] for f in ("sd", "sd2", "sdxl")] == ["sd_v1", "sd_v2", "sdxl_base_v1-0"]
+    assert versions["sd2"]["ss_v2"] == "True" and versions["sd"]["ss_v2"] == "False"

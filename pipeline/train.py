@@ -114,6 +114,13 @@ def _batch_generator(seed: int, epoch: int, position: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed, epoch, position)) & (2**63 - 1))
 
 
+def _sdxl_conditioning(pooled: torch.Tensor | None, time_ids: torch.Tensor, like: torch.Tensor) -> dict[str, Any]:
+    """The UNet's extra inputs for SDXL (pooled text, size/crop time ids); none for SD 1.x/2.x."""
+    if pooled is None:
+        return {}
+    return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(like)}}
+
+
 def full_fine_tune_groups(components: Any, cfg: TrainParams) -> list[dict[str, Any]]:
     """The UNet (or only its up_blocks), and with train_text_encoder the text encoders, as param groups."""
     unet = components.unet
@@ -346,7 +353,7 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
 
         def predict(noisy: torch.Tensor, timesteps: torch.Tensor, captions: list[str], time_ids: torch.Tensor) -> torch.Tensor:
             states, pooled = encode_text(components, captions, accelerator.device, cfg.clip_skip)
-            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(noisy)}} if pooled is not None else {}
+            extra = _sdxl_conditioning(pooled, time_ids, noisy)
             return model(noisy.to(accelerator.device), timesteps.to(accelerator.device), encoder_hidden_states=states, **extra).sample
 
         try:
@@ -394,7 +401,7 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     def velocity_of(batch: dict[str, Any]) -> Any:
         """The UNet as a velocity field under one batch's conditioning (rectified flow's ODE)."""
         states, pooled = encode_text(components, batch["captions"], accelerator.device, cfg.clip_skip)
-        extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": batch["time_ids"].to(states)}} if pooled is not None else {}
+        extra = _sdxl_conditioning(pooled, batch["time_ids"], states)
         return lambda x, t: unet(x, t, encoder_hidden_states=states, **extra).sample
 
     def reflow() -> None:
@@ -460,7 +467,7 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
                         low, high = timestep_ranges(batch["is_reg"], (cfg.min_timestep, cfg.max_timestep), reg_range)
                         timesteps = objective.sample_timesteps(low, high, generator, global_step, total_steps).to(accelerator.device)
                         noisy = objective.prepare(latents, timesteps, generator)
-                    extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": batch["time_ids"].to(latents)}} if pooled is not None else {}
+                    extra = _sdxl_conditioning(pooled, batch["time_ids"], latents)
                     if cfg.log_timesteps:
                         sampled.extend(
                             {"global_step": global_step, "image_id": image_id, "is_reg": bool(reg), "timestep": round(t)}

@@ -8,6 +8,8 @@ the loader position and global_step.
 from __future__ import annotations
 
 import json
+import logging
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import KilnError
+
+log = logging.getLogger(__name__)
 
 PROTECTED = ("interrupted",)
 
@@ -89,3 +93,61 @@ def load_checkpoint(folder: Path, params: list[torch.nn.Parameter], optimizer: A
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[key] for key in sorted(k for k in rng if k.startswith("cuda_"))])
     return json.loads((folder / "state.json").read_text())
+
+
+def resume_source(root: Path, resume: str | None) -> Path | None:
+    """What `--resume` names: `latest` (the highest step under root) or a checkpoint folder; None for a new run."""
+    if not resume:
+        return None
+    if resume != "latest":
+        return Path(resume)
+    source = latest_checkpoint(root)
+    if source is None:
+        raise KilnError(f"--resume latest: no checkpoint in {root}")
+    return source
+
+
+def resolve_seed(seed: int, source: Path | None) -> int:
+    """train.seed, except -1: a resumed run keeps its checkpoint's seed; a new run draws one and logs it."""
+    if seed != -1:
+        return seed
+    if source is not None and (source / "state.json").is_file():
+        seed = json.loads((source / "state.json").read_text())["loader"]["seed"]
+    else:
+        seed = secrets.randbelow(2**31)
+    log.info("train.seed is -1: using seed %d", seed)
+    return seed
+
+
+class Checkpointer:
+    """Saves and restores everything a run needs to continue exactly: the trained weights, optimizer,
+    schedule, loader position, global_step and the EMA. Only the main process writes."""
+
+    def __init__(
+        self, root: Path, trainable: list[torch.nn.Parameter], optimizer: Any, scheduler: Any, loader: Any,
+        ema: Any, keep_last: int, is_main: bool = True,
+    ):
+        self.root, self.trainable, self.optimizer, self.scheduler = root, trainable, optimizer, scheduler
+        self.loader, self.ema, self.keep_last, self.is_main = loader, ema, keep_last, is_main
+        if is_main:
+            root.mkdir(parents=True, exist_ok=True)  # a declared output, even before the first save
+
+    def save(self, name: str, global_step: int) -> Path:
+        if not self.is_main:
+            return self.root / name
+        return save_checkpoint(
+            self.root, name, self.trainable, self.optimizer, self.scheduler,
+            {"global_step": global_step, "loader": self.loader.state_dict()}, keep_last=self.keep_last,
+            extra_weights={"ema": self.ema.state_dict()} if self.ema is not None else None,
+        )
+
+    def restore(self, source: Path, seed: int) -> int:
+        """Load `source` into this run; returns its global_step. The seed must match (it fixes every draw)."""
+        state = load_checkpoint(source, self.trainable, self.optimizer, self.scheduler)
+        if state["loader"]["seed"] != seed:
+            raise KilnError(f"{source}: saved with train.seed={state['loader']['seed']}, but this run has {seed}")
+        self.loader.load_state_dict(state["loader"])
+        if self.ema is not None and (source / "ema.safetensors").is_file():
+            self.ema.load(source / "ema.safetensors")
+        log.info("resumed from %s at step %d", source, state["global_step"])
+        return state["global_step"]

@@ -18,15 +18,27 @@ Everything here works on tensors of any rank (B, ...): (B, C, H, W) latents, or 
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipeline.errors import KilnError
+from pipeline.loader import batch_generator
+from pipeline.losses import LossResult
+from pipeline.noise import NoiseSettings, input_perturbation, training_noise
 from pipeline.objective import NoisyBatch
+from pipeline.timesteps import ranges as timestep_ranges
+
+if TYPE_CHECKING:
+    from pipeline.params import TrainParams
+    from pipeline.step import TrainingStep
+
+log = logging.getLogger(__name__)
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(x_t, timesteps scaled to num_train_timesteps, shape (B,)) -> the predicted velocity, shaped like x_t."""
@@ -49,54 +61,82 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class RectifiedFlowObjective:
-    """The rectified-flow forward path, target and loss, with the same NoisyBatch as DiffusionObjective."""
+    """The rectified-flow path, target and loss, behind the same interface as DiffusionObjective.
 
-    def __init__(self, num_train_timesteps: int = 1000):
+    What carries over from the diffusion settings: the timestep ranges, as t in [min/1000, max/1000)
+    (so reg images can have their own range, as with DDPM); the noise settings, which shape x0 (offset
+    and pyramid noise) and the model's input (input perturbation) exactly as they shape DDPM's noise;
+    per-sample loss weights and masks. Settings tied to the diffusion schedule (SNR weightings,
+    zero terminal SNR, log-normal timesteps, the Huber and Fourier losses) are refused when the
+    params are validated (TrainParams).
+    """
+
+    def __init__(
+        self, num_train_timesteps: int = 1000, train_range: tuple[int, int] | None = None,
+        reg_range: tuple[int, int] | None = None, noise: NoiseSettings | None = None,
+    ):
         if num_train_timesteps < 1:
             raise KilnError(f"rectified flow: num_train_timesteps must be at least 1, not {num_train_timesteps}")
         self.num_train_timesteps = num_train_timesteps
+        self.train_range = train_range or (0, num_train_timesteps)
+        self.reg_range = reg_range or self.train_range
+        self.noise_settings = noise or NoiseSettings()
 
-    def sample_t(self, size: int, generator: torch.Generator) -> torch.Tensor:
-        """t ~ U[0, 1) per sample, float64 on the CPU (the generator is a CPU one, so runs are reproducible)."""
-        return torch.rand(size, generator=generator, dtype=torch.float64)
+    def sample_t(self, is_reg: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """t ~ U[low/N, high/N) per sample from its range, float64 on the CPU (a CPU generator, so runs
+        are reproducible). The full range [0, N) gives t = u exactly."""
+        low, high = timestep_ranges(is_reg.cpu(), self.train_range, self.reg_range)
+        u = torch.rand(is_reg.shape, generator=generator, dtype=torch.float64)
+        return low.double() / self.num_train_timesteps + u * ((high - low).double() / self.num_train_timesteps)
 
     def prepare(
-        self, latents: torch.Tensor, generator: torch.Generator,
-        noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
+        self, latents: torch.Tensor, is_reg: torch.Tensor, generator: torch.Generator, global_step: int = 0,
+        noise: torch.Tensor | None = None,
     ) -> NoisyBatch:
         """x_t = t x1 + (1 - t) x0 with x1 = latents; the target is v = x1 - x0.
 
-        `noise` (x0) is drawn from N(0, I) unless given (reflow passes its cached x0'); `t` is drawn unless
-        given. t is drawn before the noise, so a seeded generator gives the same t whichever is passed.
-        `timesteps` is t * num_train_timesteps as float32 on the latents' device (what the UNet is given).
+        t is drawn first, then x0 (the configured training noise) unless `noise` is given (reflow passes
+        its cached x0'), so a seeded generator gives the same t whichever is passed.
         """
-        batch_size = latents.shape[0]
-        if t is None:
-            t = self.sample_t(batch_size, generator)
-        if t.shape != (batch_size,):
-            raise KilnError(f"rectified flow: t must have shape ({batch_size},), not {tuple(t.shape)}")
+        del global_step  # no flow setting depends on it
+        t = self.sample_t(is_reg, generator)
         if noise is None:
-            noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+            noise = training_noise(latents, self.noise_settings, generator)
         elif noise.shape != latents.shape:
             raise KilnError(
                 f"rectified flow: noise shape {tuple(noise.shape)} does not match latents {tuple(latents.shape)}"
             )
         noise = noise.to(device=latents.device, dtype=latents.dtype)
+        return self.along_path(latents, t, noise, input_perturbation(noise, self.noise_settings, generator))
+
+    def with_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
+        """The path at given timesteps (t = timesteps / N) and noise: validation's fixed draws."""
+        t = timesteps.cpu().double() / self.num_train_timesteps
+        return self.along_path(latents, t, noise.to(device=latents.device, dtype=latents.dtype))
+
+    def along_path(
+        self, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, input_noise: torch.Tensor | None = None,
+    ) -> NoisyBatch:
+        """The point at t (B,) on the straight path from x0 = noise to x1 = latents, and its velocity.
+
+        With input perturbation the model's input is made with `input_noise` while the target keeps x0.
+        `timesteps` is t * num_train_timesteps as float32 on the latents' device (what the UNet is given).
+        """
+        if t.shape != (latents.shape[0],):
+            raise KilnError(f"rectified flow: t must have shape ({latents.shape[0]},), not {tuple(t.shape)}")
         t_b = _per_sample(t, latents)
-        noisy_latents = t_b * latents + (1 - t_b) * noise
+        source = noise if input_noise is None else input_noise
+        noisy_latents = t_b * latents + (1 - t_b) * source
         # float32 rather than float64: the UNet's time embedding is float32 and some devices lack float64.
         timesteps = (t.double() * self.num_train_timesteps).to(device=latents.device, dtype=torch.float32)
         return NoisyBatch(noisy_latents, timesteps, noise, latents - noise)
 
-    def loss(
+    def compute_loss(
         self, model_pred: torch.Tensor, batch: NoisyBatch, loss_weight: torch.Tensor,
         masks: torch.Tensor | None = None, global_step: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """MSE to v per element, averaged over all but the batch dimension, times each sample's weight.
-
-        Returns (the batch loss, the per-sample losses). `masks` and `global_step` mirror
-        DiffusionObjective.loss so the trainer can call either; a mask is normalised to mean 1 per sample.
-        """
+    ) -> LossResult:
+        """MSE to v per element, averaged over all but the batch dimension, times each sample's weight;
+        a mask is normalised to mean 1 per sample (as DiffusionObjective's)."""
         del global_step  # the plain MSE does not depend on it
         error = (model_pred.float() - batch.target.float()) ** 2
         dims = tuple(range(1, error.dim()))
@@ -105,7 +145,7 @@ class RectifiedFlowObjective:
             error = error * weights
         per_sample = error.mean(dim=dims) if dims else error
         per_sample = per_sample * loss_weight.to(per_sample.device).float()
-        return per_sample.mean(), per_sample
+        return LossResult(per_sample.mean(), per_sample)
 
 
 def euler_solve(velocity: VelocityFn, x0: torch.Tensor, steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -216,3 +256,50 @@ def reflow_sample_steps(reflow_sample_steps: int | None, sample_steps: int | Non
     if sample_steps is not None and sample_steps >= 1:
         return sample_steps
     return DEFAULT_REFLOW_SAMPLE_STEPS
+
+
+def velocity_field(step: TrainingStep, batch: dict[str, Any]) -> VelocityFn:
+    """The UNet as a velocity field under one batch's conditioning (the ODE reflow solves)."""
+    return functools.partial(step.predict, conditioning=step.encode(batch["captions"], batch["time_ids"]))
+
+
+def reflow(step: TrainingStep, loader: Any, optimizer: Any, cfg: TrainParams) -> list[float]:
+    """EveryDream2's reflow, before the main epochs: reflow_steps times, pairs (noise x0', the model's Euler
+    solution x1'') from reflow_gen_batches batches, then reflow_train_epochs epochs of training steps on
+    them with x1'' as the latents and x0' as the noise (so the target is x1'' - x0'). Returns the losses.
+
+    The batches are borrowed: the loader is put back where it was, so the main loop starts where it
+    would have. Reflow trains at the peak learning rate; warmup would otherwise start it at zero.
+    """
+    steps = reflow_sample_steps(cfg.reflow_sample_steps, cfg.sample_steps)
+    position = loader.state_dict()
+    peak_lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", group["lr"])
+    losses: list[float] = []
+    try:
+        for iteration in range(cfg.reflow_steps):
+            generator = batch_generator(cfg.seed, -1 - iteration, 0)
+            batches = ((step.latents(batch), batch) for batch in loader)
+            pairs = generate_reflow_pairs(
+                functools.partial(velocity_field, step), batches, cfg.reflow_gen_batches, steps, generator,
+                step.objective.num_train_timesteps,
+            )
+            loader.load_state_dict(position)
+            iteration_losses = []
+            for _ in range(cfg.reflow_train_epochs):
+                for noise, endpoint, batch in pairs:
+                    output = step.train_step(batch, 0, generator, latents=endpoint, noise=noise)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    iteration_losses.append(output.loss.item())
+            log.info(
+                "reflow %d/%d: %d pairs of batches, mean loss %.4f", iteration + 1, cfg.reflow_steps, len(pairs),
+                sum(iteration_losses) / max(len(iteration_losses), 1),
+            )
+            losses += iteration_losses
+    finally:
+        for group, lr in zip(optimizer.param_groups, peak_lrs, strict=True):
+            group["lr"] = lr
+        loader.load_state_dict(position)
+    return losses

@@ -113,9 +113,32 @@ class Verification:
     repaired: int = 0
 
 
+def is_remote(store: str | Path) -> bool:
+    """Shards on object storage or behind a pipe: webdataset URLs such as s3://, https://, pipe:.
+    Such a store is streamed in order (pipeline.loader); a local folder is read at random via the index."""
+    return "://" in str(store) or str(store).startswith("pipe:")
+
+
+def checked(payload: bytes, row: dict[str, Any], where: str | Path) -> bytes:
+    """The payload, if it matches the index's sha256; otherwise the error that names the shard."""
+    if hashlib.sha256(payload).hexdigest() != row["sha256"]:
+        raise KilnError(
+            f"{where}: latent {row['cache_key']} does not match its checksum; the shard is damaged. "
+            "Rerun `kiln cache` to detect and re-encode it."
+        )
+    return payload
+
+
 class LatentStore:
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, keep_open: bool = False):
+        self.root = Path(root)
+        # A reader (the training loader) keeps its shards open: one open() per shard, not per sample.
+        self.keep_open = keep_open
+        self._handles: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open files do not travel to DataLoader workers; each worker opens its own.
+        return {**self.__dict__, "_handles": {}}
 
     @property
     def index_path(self) -> Path:
@@ -200,12 +223,20 @@ class LatentStore:
         return rows
 
     def read_bytes(self, row: dict[str, Any]) -> bytes:
-        with open(self.root / row["shard"], "rb") as handle:
+        """One sample's serialised tensors through its index row, checked against its sha256."""
+        path = self.root / row["shard"]
+        if self.keep_open:
+            handle = self._handles.get(row["shard"])
+            if handle is None:
+                handle = self._handles[row["shard"]] = open(path, "rb")
             handle.seek(row["offset"])
-            return handle.read(row["size"])
+            return checked(handle.read(row["size"]), row, path)
+        with open(path, "rb") as handle:
+            handle.seek(row["offset"])
+            return checked(handle.read(row["size"]), row, path)
 
     def read(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Random access to one sample through its index row."""
+        """Random access to one sample through its index row (checked)."""
         return load_tensors(self.read_bytes(row))
 
     def shard_files(self) -> list[Path]:

@@ -11,7 +11,6 @@ the batches the uninterrupted one would have.
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load as load_tensors
 
 from pipeline.errors import KilnError
+from pipeline.latents import LatentStore, checked, is_remote
 from pipeline.params import TrainParams
 from pipeline.tables import read_table
 
@@ -90,28 +90,23 @@ def process_caption(caption: str, rng: np.random.Generator, dropout: float, shuf
     return ", ".join(kept + rest)
 
 
+def batch_generator(seed: int, epoch: int, batch_number: int) -> torch.Generator:
+    """The generator of one batch's training draws (noise, timesteps, embedding perturbation).
+
+    It depends only on (seed, epoch, batch number), so a resumed run draws exactly what the uninterrupted
+    one would have, with no generator state to save. Reflow seeds its draws with epoch -1 - iteration.
+    """
+    return torch.Generator().manual_seed(hash((seed, epoch, batch_number)) & (2**63 - 1))
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """Reads one sample by (plan row, epoch, batch, position): random access into its shard via the index."""
 
     def __init__(self, plan: list[dict[str, Any]], store: Path, index: dict[str, dict[str, Any]], cfg: TrainParams):
-        self.plan, self.store, self.index, self.cfg = plan, store, index, cfg
-        self._handles: dict[str, Any] = {}
+        self.plan, self.store, self.index, self.cfg = plan, LatentStore(store, keep_open=True), index, cfg
 
     def __len__(self) -> int:
         return len(self.plan)
-
-    def _payload(self, entry: dict[str, Any]) -> bytes:
-        handle = self._handles.get(entry["shard"])
-        if handle is None:
-            handle = self._handles[entry["shard"]] = open(self.store / entry["shard"], "rb")
-        handle.seek(entry["offset"])
-        payload = handle.read(entry["size"])
-        if hashlib.sha256(payload).hexdigest() != entry["sha256"]:
-            raise KilnError(
-                f"{self.store / entry['shard']}: latent {entry['cache_key']} does not match its checksum; the shard "
-                "is damaged. Rerun `kiln cache` to detect and re-encode it."
-            )
-        return payload
 
     def __getitem__(self, item: tuple[int, int, int, int]) -> dict[str, Any]:
         row_index, epoch, batch, position = item
@@ -120,7 +115,7 @@ class LatentDataset(torch.utils.data.Dataset):
         flip_p = row["flip_p"] if row["flip_p"] is not None else cfg.flip_p
         flip = bool(rng.random() < flip_p)
         entry = self.index[row["flip_cache_key"] if flip else row["cache_key"]]
-        return self.sample(row_index, entry, load_tensors(self._payload(entry)), rng)
+        return self.sample(row_index, entry, load_tensors(self.store.read_bytes(entry)), rng)
 
     def sample(self, row_index: int, entry: dict[str, Any], tensors: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         """One training sample from its stored tensors: latent draw, then caption processing."""
@@ -163,15 +158,33 @@ def collate(samples: list[dict[str, Any]], minibatch_repeat: int = 1) -> dict[st
     }
 
 
-class LatentLoader:
+def trained_rows(plan: Path | list[dict[str, Any]], exclude: frozenset[str]) -> list[dict[str, Any]]:
+    """The plan's rows (a plan.parquet path, or rows already read) minus `exclude`, the held-out
+    (validation) image ids, in image_id order."""
+    rows = read_table(plan) if isinstance(plan, (str, Path)) else plan
+    return sorted((row for row in rows if row["image_id"] not in exclude), key=lambda row: row["image_id"])
+
+
+class _EpochPosition:
+    """What both loaders share: the (epoch, batch number) position, and the generator it seeds."""
+
+    cfg: TrainParams
+    epoch: int
+    batch_index: int  # batches yielded so far in this epoch
+
+    def generator(self) -> torch.Generator:
+        """The training draws of the batch just yielded (batch_generator at this position)."""
+        return batch_generator(self.cfg.seed, self.epoch, self.batch_index)
+
+
+class LatentLoader(_EpochPosition):
     """Iterates one epoch per `for` loop, from the current (epoch, batch index); resumable via state_dict."""
 
     def __init__(
-        self, plan_path: Path, store: Path, cfg: TrainParams, rank: int = 0, world: int = 1,
+        self, plan: Path | list[dict[str, Any]], store: Path, cfg: TrainParams, rank: int = 0, world: int = 1,
         logs_dir: Path | None = None, pin_memory: bool | None = None, exclude: frozenset[str] = frozenset(),
     ):
-        # `exclude`: image ids held out (validation); they never appear in a training batch.
-        self.plan = sorted((r for r in read_table(plan_path) if r["image_id"] not in exclude), key=lambda row: row["image_id"])
+        self.plan = trained_rows(plan, exclude)
         self.store, self.cfg, self.rank, self.world, self.logs_dir = store, cfg, rank, world, logs_dir
         self.index = {row["cache_key"]: row for row in read_table(store / "index.parquet")}
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -227,12 +240,7 @@ class LatentLoader:
         self.epoch, self.batch_index = self.epoch + 1, 0
 
 
-def is_remote(store: str | Path) -> bool:
-    """Shards on object storage or behind a pipe: webdataset URLs such as s3://, https://, pipe:."""
-    return "://" in str(store) or str(store).startswith("pipe:")
-
-
-class StreamingLatentLoader:
+class StreamingLatentLoader(_EpochPosition):
     """Streams shards with webdataset, for stores that only allow sequential reads (object storage).
 
     One pipeline per bucket, so a batch never mixes sizes; buckets are mixed in proportion to their
@@ -242,13 +250,13 @@ class StreamingLatentLoader:
     """
 
     def __init__(
-        self, plan_path: Path, index_path: Path, base_url: str, cfg: TrainParams, rank: int = 0, world: int = 1,
-        shuffle_buffer: int = 256, exclude: frozenset[str] = frozenset(),
+        self, plan: Path | list[dict[str, Any]], index_path: Path, base_url: str, cfg: TrainParams, rank: int = 0,
+        world: int = 1, shuffle_buffer: int = 256, exclude: frozenset[str] = frozenset(),
     ):
-        self.plan = sorted((r for r in read_table(plan_path) if r["image_id"] not in exclude), key=lambda row: row["image_id"])
+        self.plan = trained_rows(plan, exclude)
         self.index = {row["cache_key"]: row for row in read_table(index_path)}
         self.base_url, self.cfg, self.rank, self.world = base_url.rstrip("/"), cfg, rank, world
-        self.shuffle_buffer, self.epoch = shuffle_buffer, 0
+        self.shuffle_buffer, self.epoch, self.batch_index = shuffle_buffer, 0, 0
         self.row_of: dict[str, tuple[int, bool]] = {}
         for number, row in enumerate(self.plan):
             self.row_of[row["cache_key"]] = (number, False)
@@ -279,12 +287,7 @@ class StreamingLatentLoader:
                 entry = self.index.get(sample["__key__"])
                 if entry is None or sample["__key__"] not in self.row_of:
                     continue  # garbage or another plan's latent
-                payload = sample["safetensors"]
-                if hashlib.sha256(payload).hexdigest() != entry["sha256"]:
-                    raise KilnError(
-                        f"{sample['__url__']}: latent {entry['cache_key']} does not match its checksum; the shard "
-                        "is damaged. Rerun `kiln cache` to detect and re-encode it."
-                    )
+                payload = checked(sample["safetensors"], entry, sample["__url__"])
                 row, flipped = self.row_of[sample["__key__"]]
                 for copy in range(counts[row]):
                     rng = np.random.default_rng([cfg.seed, epoch, row, copy, SAMPLE_STREAM])
@@ -308,6 +311,14 @@ class StreamingLatentLoader:
         pending: dict[str, list[dict[str, Any]]] = {bucket: [] for bucket in buckets}
         weights = {bucket: float(per_bucket[bucket]) for bucket in buckets}
         rng = np.random.default_rng([self.cfg.seed, self.epoch, ORDER_STREAM])
+        self.batch_index = 0
+        for batch in self._batches(sources, pending, weights, rng):
+            self.batch_index += 1
+            yield batch
+        self.epoch, self.batch_index = self.epoch + 1, 0
+
+    def _batches(self, sources: dict[str, Any], pending: dict[str, list[dict[str, Any]]], weights: dict[str, float], rng: Any):
+        """Draw buckets in proportion to what is left of them; a batch is full, or a bucket's remainder."""
         while weights:
             names = sorted(weights)
             probabilities = np.array([weights[name] for name in names]) / sum(weights.values())
@@ -322,7 +333,6 @@ class StreamingLatentLoader:
             if len(pending[bucket]) == self.cfg.batch_size:
                 yield collate(pending[bucket], self.cfg.minibatch_repeat)
                 pending[bucket] = []
-        self.epoch += 1
 
 
 def _this_rank(urls: Any) -> Any:
@@ -338,10 +348,10 @@ def random_module(seed: int, epoch: int, bucket: str) -> Any:
 
 
 def make_loader(
-    plan_path: Path, store: str | Path, index_path: Path, cfg: TrainParams, rank: int = 0, world: int = 1,
-    logs_dir: Path | None = None, exclude: frozenset[str] = frozenset(),
+    plan: Path | list[dict[str, Any]], store: str | Path, index_path: Path, cfg: TrainParams, rank: int = 0,
+    world: int = 1, logs_dir: Path | None = None, exclude: frozenset[str] = frozenset(),
 ) -> LatentLoader | StreamingLatentLoader:
     """Random access for a local store; webdataset streaming for shard URLs (s3://, https://, pipe:)."""
     if is_remote(store):
-        return StreamingLatentLoader(plan_path, index_path, str(store), cfg, rank, world, exclude=exclude)
-    return LatentLoader(plan_path, Path(store), cfg, rank, world, logs_dir, exclude=exclude)
+        return StreamingLatentLoader(plan, index_path, str(store), cfg, rank, world, exclude=exclude)
+    return LatentLoader(plan, Path(store), cfg, rank, world, logs_dir, exclude=exclude)

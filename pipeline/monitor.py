@@ -3,16 +3,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
+
+from pipeline.tables import write_table
+
+# train.log_timesteps: every drawn timestep, with the image and step it was drawn for.
+TIMESTEPS_SCHEMA = pa.schema(
+    [("global_step", pa.int64()), ("image_id", pa.string()), ("is_reg", pa.bool_()), ("timestep", pa.int32())]
+)
 
 
 class RunLogger:
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
+        self.last_step: int | None = None
         if not enabled:  # ranks other than the main process log nothing
             return
         from dvclive import Live
@@ -44,6 +56,7 @@ class RunLogger:
             if name in values:
                 self.live.log_metric(name, values[name])
         self.live.next_step()
+        self.last_step = step
 
     def histogram(self, step: int, name: str, values: torch.Tensor) -> None:
         if self.enabled and values.numel():
@@ -59,6 +72,10 @@ class RunLogger:
         if not self.enabled:
             return
         self.live.summary.update(summary)
+        if self.last_step is not None:
+            # dvclive's next_step() has moved on to the step after the last one logged; the summary's
+            # "step" is the last step trained.
+            self.live.step = self.last_step
         self.live.make_summary()
         self.tensorboard.close()
         self.live.end()
@@ -75,3 +92,46 @@ def lora_block_magnitudes(model: Any) -> dict[str, float]:
         totals[block][0] += param.detach().abs().sum().item()
         totals[block][1] += param.numel()
     return {f"lora_weight/{block}": total / count for block, (total, count) in sorted(totals.items()) if count}
+
+
+class Throughput:
+    """Images per second over the training steps alone.
+
+    The time between two steps (loading the batch, forward, backward, optimizer) counts; what runs inside
+    `excluding()` (sampling, validation, checkpoints) does not, and is added up per name instead. The first
+    step, which pays for allocation and kernel choice, is not counted either.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.images = 0
+        self.seconds = 0.0
+        self.other_seconds: dict[str, float] = defaultdict(float)
+        self._mark: float | None = None  # when the last counted interval ended
+
+    def step_done(self, images: int) -> None:
+        now = self.clock()
+        if self._mark is not None:
+            self.seconds += now - self._mark
+            self.images += images
+        self._mark = now
+
+    @contextlib.contextmanager
+    def excluding(self, name: str) -> Iterator[None]:
+        start = self.clock()
+        try:
+            yield
+        finally:
+            elapsed = self.clock() - start
+            self.other_seconds[name] += elapsed
+            if self._mark is not None:
+                self._mark += elapsed
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def write_timesteps(rows: list[dict[str, Any]], path: Path) -> None:
+    """logs/timesteps.parquet for train.log_timesteps."""
+    write_table(rows, TIMESTEPS_SCHEMA, path)

@@ -1,14 +1,21 @@
-"""The diffusion training objective: noise, timesteps, noisy latents, target and the weighted loss.
+"""The training objective: noise, timesteps, noisy latents, target and the weighted loss.
 
-One small CPU-testable object. Timesteps are drawn per sample from per-sample ranges (so regularisation
-images can have their own), the loss takes per-sample weights and latent-size masks, and it is told the
+Every objective (this DDPM one, and pipeline.flow's rectified flow) has the same interface, so the
+training step never asks which one is active:
+
+    prepare(latents, is_reg, generator, global_step, noise=None) -> NoisyBatch
+    with_noise(latents, timesteps, noise) -> NoisyBatch          (fixed draws, for validation)
+    compute_loss(model_pred, noisy, loss_weight, masks, global_step) -> LossResult
+
+The objective owns the train and regularisation timestep ranges: `prepare` draws each sample's
+timestep from its own range. The loss takes per-sample weights and latent-size masks, and is told the
 global step so that step-dependent losses can plug in.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -22,9 +29,27 @@ from pipeline.noise import zero_terminal_snr as rescale_zero_terminal_snr
 @dataclass
 class NoisyBatch:
     noisy_latents: torch.Tensor  # (B, C, H, W)
-    timesteps: torch.Tensor  # (B,) int64
+    timesteps: torch.Tensor  # (B,) what the UNet is told: int64 DDPM steps, or float t * 1000 for flow
     noise: torch.Tensor  # (B, C, H, W)
-    target: torch.Tensor  # what the UNet should predict: noise (epsilon) or velocity (v)
+    target: torch.Tensor  # what the UNet should predict: noise (epsilon), velocity (v) or x1 - x0 (flow)
+
+
+class Objective(Protocol):
+    """What the training step, validation and reflow need of an objective."""
+
+    num_train_timesteps: int
+
+    def prepare(
+        self, latents: torch.Tensor, is_reg: torch.Tensor, generator: torch.Generator, global_step: int = 0,
+        noise: torch.Tensor | None = None,
+    ) -> NoisyBatch: ...
+
+    def with_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> NoisyBatch: ...
+
+    def compute_loss(
+        self, model_pred: torch.Tensor, batch: NoisyBatch, loss_weight: torch.Tensor,
+        masks: torch.Tensor | None = None, global_step: int = 0,
+    ) -> LossResult: ...
 
 
 class DiffusionObjective:
@@ -37,6 +62,8 @@ class DiffusionObjective:
     def __init__(
         self, alphas_cumprod: torch.Tensor, prediction_type: str, loss: LossSettings | None = None,
         noise: NoiseSettings | None = None, zero_terminal_snr: bool = False, log_norm_timesteps: bool = False,
+        train_range: tuple[int, int] | None = None, reg_range: tuple[int, int] | None = None,
+        max_train_steps: int | None = None,
     ):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be epsilon or v_prediction, not {prediction_type!r}")
@@ -49,6 +76,10 @@ class DiffusionObjective:
         self.loss_settings = loss or LossSettings()
         self.noise_settings = noise or NoiseSettings()
         self.log_norm_timesteps = log_norm_timesteps
+        # [low, high) per sample kind; the reg range defaults to the train range (kohya's min/max_timestep).
+        self.train_range = train_range or (0, self.num_train_timesteps)
+        self.reg_range = reg_range or self.train_range
+        self.max_train_steps = max_train_steps  # the log-normal schedule's progress
 
     @classmethod
     def from_scheduler(cls, scheduler: Any, prediction_type: str | None = None, **settings: Any) -> DiffusionObjective:
@@ -70,7 +101,20 @@ class DiffusionObjective:
         shape = (-1,) + (1,) * (like.dim() - 1)
         return alpha_bar.sqrt().view(shape).to(like.dtype), (1 - alpha_bar).sqrt().view(shape).to(like.dtype)
 
-    def prepare(self, latents: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator) -> NoisyBatch:
+    def prepare(
+        self, latents: torch.Tensor, is_reg: torch.Tensor, generator: torch.Generator, global_step: int = 0,
+        noise: torch.Tensor | None = None,
+    ) -> NoisyBatch:
+        """Each sample's timestep from its own range (reg or train), then the forward process; `noise`
+        replaces the drawn noise (the timesteps are drawn first either way)."""
+        low, high = timestep_draws.ranges(is_reg.cpu(), self.train_range, self.reg_range)
+        timesteps = self.sample_timesteps(low, high, generator, global_step, self.max_train_steps).to(latents.device)
+        if noise is None:
+            return self.add_noise(latents, timesteps, generator)
+        noise = noise.to(device=latents.device, dtype=latents.dtype)
+        return self.with_noise(latents, timesteps, noise, input_perturbation(noise, self.noise_settings, generator))
+
+    def add_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator) -> NoisyBatch:
         """x_t = sqrt(a_bar) x_0 + sqrt(1 - a_bar) eps; the target is eps, or v = sqrt(a_bar) eps - sqrt(1 - a_bar) x_0.
 
         eps carries the configured offset and pyramid noise; with input perturbation the model's input
@@ -97,12 +141,3 @@ class DiffusionObjective:
             model_pred, batch.target, batch.timesteps, self.alphas_cumprod, self.loss_settings, loss_weight.to(model_pred.device),
             self.prediction_type == "v_prediction", masks, global_step,
         )
-
-    def loss(
-        self, model_pred: torch.Tensor, batch: NoisyBatch, loss_weight: torch.Tensor,
-        masks: torch.Tensor | None = None, global_step: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the batch loss, the per-sample losses). A mask is normalised to mean 1 per sample, so the
-        masked loss keeps the unmasked scale (sd-trainer's masked score estimation)."""
-        result = self.compute_loss(model_pred, batch, loss_weight, masks, global_step)
-        return result.loss, result.per_sample

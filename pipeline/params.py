@@ -487,6 +487,14 @@ FOURIER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Settings tied to the DDPM schedule (its SNR, its discrete timesteps): refused under rectified flow, so
+# that no key is silently ignored. The timestep ranges, the noise settings, masks and loss weights act in
+# both objectives.
+DIFFUSION_ONLY = ("use_log_norm_timesteps", "zero_terminal_snr", "loss_type", "min_snr_gamma", "debiased_estimation_loss")
+# Settings only the rectified-flow objective reads.
+FLOW_ONLY = ("reflow_steps", "reflow_gen_batches", "reflow_train_epochs", "reflow_sample_steps")
+
+
 class TrainParams(Section):
     SECTION: ClassVar[str] = "train"
 
@@ -856,6 +864,13 @@ class TrainParams(Section):
             )
         if self.reflow_steps and not self.rectified_flow:
             raise ParamsError("train.reflow_steps: reflow trains with the rectified-flow objective; set train.rectified_flow: true")
+        if self.rectified_flow:
+            for key in DIFFUSION_ONLY:
+                if getattr(self, key) != TrainParams.model_fields[key].default and not (key == "loss_type" and self.loss_type == "l2"):
+                    raise ParamsError(
+                        f"train.{key}: belongs to the diffusion schedule and has no meaning under train.rectified_flow "
+                        f"(got {getattr(self, key)!r}); unset it, or turn rectified_flow off"
+                    )
         if self.ema_strength_target is not None and self.ema_decay_rate is not None:
             raise ParamsError("train.ema_strength_target: set it or ema_decay_rate, not both (the target computes the rate)")
         return self

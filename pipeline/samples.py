@@ -1,4 +1,8 @@
-"""Sample images during training, with the diffusers pipeline and the current weights."""
+"""Sample images during training, with the diffusers pipeline and the current weights.
+
+The Sampler holds what drawing needs across a run, above all the VAE the latents were encoded with,
+loaded only when first asked for (a LoRA run that draws no samples never loads it).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from pipeline.params import SamplePrompt
+from pipeline.models import find_vae
+from pipeline.params import Params, SamplePrompt
 from pipeline.sd import SDComponents
 
 
@@ -65,3 +70,43 @@ def save_grid(images: list[Image.Image], path: Path) -> Image.Image:
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return grid
+
+
+class Sampler:
+    """Draws train.sample_prompts into samples/<name>.png and TensorBoard, with the trained weights, the EMA
+    weights, or both (ema_sample_nonema_model / ema_sample_ema_model; by default the EMA's when it is on)."""
+
+    def __init__(self, components: SDComponents, params: Params, folder: Path, device: Any, logger: Any, enabled: bool, ema_on: bool):
+        cfg = params.train
+        self.components, self.params, self.folder, self.device, self.logger = components, params, folder, device, logger
+        self.enabled = enabled and bool(cfg.sample_prompts)  # the main process draws
+        self.plain = cfg.ema_sample_nonema_model if cfg.ema_sample_nonema_model is not None else not ema_on
+        self.with_ema = cfg.ema_sample_ema_model if cfg.ema_sample_ema_model is not None else ema_on
+        self._vae: Any = None
+
+    @property
+    def vae(self) -> Any:
+        """The VAE the latents were encoded with (cache.vae, else the base's), loaded on first use."""
+        if self._vae is None:
+            model, cache = self.params.model, self.params.cache
+            if self.components.pipeline is not None and not cache.vae:
+                self._vae = self.components.pipeline.vae  # a single-file base: its own VAE
+            else:
+                key = "cache.vae" if cache.vae else "model.base"
+                self._vae = find_vae(cache.vae or model.base, key, model.config).load().vae
+        return self._vae
+
+    def draw(self, name: str, global_step: int, unet: Any, ema: Any, clip_skip: int) -> None:
+        if not self.enabled:
+            return
+        if self.plain:
+            self._draw(name, "samples", global_step, unet, clip_skip)
+        if self.with_ema and ema is not None:
+            with ema.swapped():
+                self._draw(f"{name}-ema", "samples_ema", global_step, unet, clip_skip)
+
+    def _draw(self, file_name: str, tag: str, global_step: int, unet: Any, clip_skip: int) -> None:
+        cfg = self.params.train
+        images = render(self.components, unet, self.vae, cfg.sample_prompts, self.device, clip_skip, cfg.zero_terminal_snr)
+        grid = save_grid(images, self.folder / f"{file_name}.png")
+        self.logger.image(global_step, tag, grid)

@@ -34,6 +34,17 @@ class SDComponents:
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
+    @property
+    def version(self) -> str:
+        return model_version(self.family, self.text_encoders)
+
+
+def model_version(family: str, text_encoders: list[Any]) -> str:
+    """sd1, sd2 or sdxl. SD 2.x is the "sd" family with OpenCLIP ViT-H's 1024-wide text tower (kohya's ss_v2)."""
+    if family == "sdxl":
+        return "sdxl"
+    return "sd2" if text_encoders[0].config.hidden_size == 1024 else "sd1"
+
 
 def single_file_family(path: Path) -> str:
     """sdxl when the checkpoint holds SDXL's second text encoder, else sd; read from the key names only."""

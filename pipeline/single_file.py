@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import KilnError
+from pipeline.sd import model_version
 
 RESNET_NAMES = {
     "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -162,7 +163,7 @@ def original_state_dict(family: str, unet: Any, vae: Any, text_encoders: list[An
     encoders: list[tuple[Callable[[dict[str, torch.Tensor], str], dict[str, torch.Tensor]], str]]
     if family == "sdxl":
         encoders = [(clip_to_original, "conditioner.embedders.0.transformer."), (open_clip_to_original, "conditioner.embedders.1.model.")]
-    elif text_encoders[0].config.hidden_size == 1024:  # SD 2.x's OpenCLIP ViT-H text tower
+    elif model_version(family, text_encoders) == "sd2":  # SD 2.x's OpenCLIP ViT-H text tower
         encoders = [(open_clip_to_original, "cond_stage_model.model.")]
     else:
         encoders = [(clip_to_original, "cond_stage_model.transformer.")]

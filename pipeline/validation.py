@@ -4,14 +4,15 @@ stabilised validation): the same held-out images, noise and timesteps at every e
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipeline.errors import KilnError
 from pipeline.latents import LatentStore
-from pipeline.objective import DiffusionObjective
+
+if TYPE_CHECKING:
+    from pipeline.step import TrainingStep
 
 
 def held_out(plan: list[dict[str, Any]], fraction: float, folder: str | None = None) -> frozenset[str]:
@@ -34,13 +35,16 @@ def held_out(plan: list[dict[str, Any]], fraction: float, folder: str | None = N
 
 
 class Validator:
-    """Held-out images in single-bucket batches, each with noise and a timestep fixed for the run."""
+    """Held-out images in single-bucket batches, each with noise and a timestep fixed for the run.
+
+    The loss is measured with the training step's active objective (a rectified-flow run validates the
+    flow loss, t = timestep / 1000), so a reloaded objective is validated too.
+    """
 
     def __init__(
         self, rows: list[dict[str, Any]], store: LatentStore, index: dict[str, dict[str, Any]],
-        objective: DiffusionObjective, min_timestep: int, max_timestep: int, batch_size: int, seed: int,
+        min_timestep: int, max_timestep: int, batch_size: int, seed: int,
     ):
-        self.objective = objective
         self.batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str], torch.Tensor]] = []
         by_bucket: dict[str, list[dict[str, Any]]] = {}
         for row in sorted(rows, key=lambda row: row["image_id"]):
@@ -64,14 +68,16 @@ class Validator:
     def __len__(self) -> int:
         return sum(len(batch[3]) for batch in self.batches)
 
-    def loss(self, predict: Callable[..., torch.Tensor], scaling: float) -> float:
-        """Mean loss over the held-out images; `predict(noisy_latents, timesteps, captions, time_ids)` runs the UNet."""
+    def loss(self, step: TrainingStep) -> float:
+        """Mean loss over the held-out images, through the step's encode/predict and its objective."""
         total, count = 0.0, 0
-        with torch.no_grad():
+        with step.evaluating():
             for latents, timesteps, noise, captions, time_ids in self.batches:
-                noisy = self.objective.with_noise(latents * scaling, timesteps, noise)
-                prediction = predict(noisy.noisy_latents, timesteps, captions, time_ids)
-                _, per_sample = self.objective.loss(prediction, noisy, torch.ones(len(captions)))
+                noisy = step.objective.with_noise(
+                    (latents * step.scaling).to(step.device), timesteps.to(step.device), noise.to(step.device),
+                )
+                prediction = step.predict(noisy.noisy_latents, noisy.timesteps, step.encode(captions, time_ids))
+                per_sample = step.objective.compute_loss(prediction, noisy, torch.ones(len(captions))).per_sample
                 total += per_sample.sum().item()
                 count += len(captions)
         return total / max(count, 1)

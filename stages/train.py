@@ -31,8 +31,8 @@ def main(
     checkpoint that `--resume latest` continues exactly. Several GPUs: `accelerate launch -m stages.train`."""
     loaded = load(params, overrides)
     frequency = json.loads(tag_frequency.read_text()) if tag_frequency.is_file() else {}
-    store = latents if "://" in latents or latents.startswith("pipe:") else Path(latents)
-    result = train.run(loaded, train.TrainPaths(plan, store, index, models, params, tuple(overrides or ())), resume=resume, tag_frequency=frequency)
+    paths = train.TrainPaths(plan, latents, index, models, params, tuple(overrides or ()))
+    result = train.run(loaded, paths, resume=resume, tag_frequency=frequency)
     if result.output:
         last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
         console.print(f"train: {result.global_step} steps, last loss {last}; wrote {result.output}")

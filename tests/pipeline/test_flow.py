@@ -20,10 +20,14 @@ from pipeline.flow import (
 )
 
 
+def no_reg(size: int) -> torch.Tensor:
+    return torch.zeros(size, dtype=torch.bool)
+
+
 def test_prepare_matches_independent_computation():
     objective = RectifiedFlowObjective(1000)
     latents = torch.randn(5, 4, 3, 3, generator=torch.Generator().manual_seed(0))
-    batch = objective.prepare(latents, torch.Generator().manual_seed(1))
+    batch = objective.prepare(latents, no_reg(5), torch.Generator().manual_seed(1))
     # Replay the documented draw order (t, then noise) on an identically seeded generator.
     replay = torch.Generator().manual_seed(1)
     t = torch.rand(5, generator=replay, dtype=torch.float64)
@@ -40,14 +44,14 @@ def test_prepare_matches_independent_computation():
 def test_prepare_is_deterministic_and_takes_given_noise_and_t():
     objective = RectifiedFlowObjective()
     latents = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))  # any rank, not only 4-D
-    first = objective.prepare(latents, torch.Generator().manual_seed(7))
-    second = objective.prepare(latents, torch.Generator().manual_seed(7))
+    first = objective.prepare(latents, no_reg(4), torch.Generator().manual_seed(7))
+    second = objective.prepare(latents, no_reg(4), torch.Generator().manual_seed(7))
     for a, b in zip(vars(first).values(), vars(second).values(), strict=True):
         torch.testing.assert_close(a, b)
 
     noise = torch.full_like(latents, 3.0)
     t = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
-    batch = objective.prepare(latents, torch.Generator().manual_seed(7), noise=noise, t=t)
+    batch = objective.along_path(latents, t, noise)
     torch.testing.assert_close(batch.noise, noise)
     torch.testing.assert_close(batch.noisy_latents[0], noise[0])  # t = 0: pure noise
     torch.testing.assert_close(batch.noisy_latents[3], latents[3])  # t = 1: the latents
@@ -55,17 +59,51 @@ def test_prepare_is_deterministic_and_takes_given_noise_and_t():
     torch.testing.assert_close(batch.target, latents - noise)
     torch.testing.assert_close(batch.timesteps, torch.tensor([0.0, 250.0, 500.0, 1000.0]))
     # Given noise, t is still drawn from the generator first, exactly as without it.
-    given = objective.prepare(latents, torch.Generator().manual_seed(7), noise=noise)
+    given = objective.prepare(latents, no_reg(4), torch.Generator().manual_seed(7), noise=noise)
     torch.testing.assert_close(given.timesteps, first.timesteps)
+    # Validation's fixed draws: integer timesteps map to t = timesteps / 1000.
+    fixed = objective.with_noise(latents, torch.tensor([0, 250, 500, 1000]), noise)
+    torch.testing.assert_close(fixed.noisy_latents, batch.noisy_latents)
+
+
+def test_timestep_ranges_map_onto_t_per_sample():
+    # min_timestep / max_timestep act under rectified flow: t in [min / 1000, max / 1000), reg images
+    # in their own range, from one uniform draw per sample.
+    objective = RectifiedFlowObjective(1000, train_range=(200, 600), reg_range=(900, 1000))
+    is_reg = torch.tensor([False, True] * 2000)
+    t = objective.sample_t(is_reg, torch.Generator().manual_seed(3))
+    u = torch.rand(4000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = torch.where(is_reg, 0.9 + u * 0.1, 0.2 + u * 0.4)
+    torch.testing.assert_close(t, expected)
+    assert ((t[~is_reg] >= 0.2) & (t[~is_reg] < 0.6)).all() and ((t[is_reg] >= 0.9) & (t[is_reg] < 1.0)).all()
+    batch = objective.prepare(torch.zeros(4000, 2), is_reg, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(batch.timesteps, (expected * 1000).float())
+
+
+def test_noise_settings_shape_x0_and_the_input():
+    from pipeline.noise import NoiseSettings, training_noise
+
+    settings = NoiseSettings(offset=0.1, ip_gamma=0.5)
+    objective = RectifiedFlowObjective(1000, noise=settings)
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    batch = objective.prepare(latents, no_reg(3), torch.Generator().manual_seed(5))
+    # Replay: t, then the offset noise exactly as DDPM draws it, then the perturbation ξ.
+    replay = torch.Generator().manual_seed(5)
+    t = torch.rand(3, generator=replay, dtype=torch.float64).float().view(3, 1, 1, 1)
+    x0 = training_noise(latents, settings, replay)
+    xi = torch.randn(latents.shape, generator=replay)
+    torch.testing.assert_close(batch.noise, x0)
+    torch.testing.assert_close(batch.target, latents - x0)  # the target keeps the plain x0
+    torch.testing.assert_close(batch.noisy_latents, t * latents + (1 - t) * (x0 + 0.5 * xi))
 
 
 def test_loss_is_weighted_per_sample_mse():
     objective = RectifiedFlowObjective()
-    batch = objective.prepare(torch.zeros(2, 3), torch.Generator().manual_seed(0))
+    batch = objective.prepare(torch.zeros(2, 3), no_reg(2), torch.Generator().manual_seed(0))
     pred = batch.target + torch.tensor([1.0, 2.0]).view(2, 1)  # errors 1 and 4 everywhere
-    loss, per_sample = objective.loss(pred, batch, torch.tensor([1.0, 0.5]))
-    torch.testing.assert_close(per_sample, torch.tensor([1.0, 2.0]))
-    assert loss.item() == pytest.approx(1.5)
+    result = objective.compute_loss(pred, batch, torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(result.per_sample, torch.tensor([1.0, 2.0]))
+    assert result.loss.item() == pytest.approx(1.5) and result.fourier_component is None
 
 
 def test_epsilon_base_is_refused():
@@ -159,8 +197,8 @@ def train(model: nn.Module, objective: RectifiedFlowObjective, draw, steps: int,
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(steps):
         latents, noise = draw()
-        batch = objective.prepare(latents, generator, noise=noise)
-        loss, _ = objective.loss(model(batch.noisy_latents, batch.timesteps), batch, torch.ones(len(latents)))
+        batch = objective.prepare(latents, no_reg(len(latents)), generator, noise=noise)
+        loss = objective.compute_loss(model(batch.noisy_latents, batch.timesteps), batch, torch.ones(len(latents))).loss
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

@@ -257,7 +257,7 @@ def test_ip_noise_perturbs_the_input_and_not_the_target(scheduler, prediction):
     latents = torch.randn(3, 4, 8, 8, generator=gen(1))
     timesteps = torch.tensor([10, 500, 990])
     objective = DiffusionObjective.from_scheduler(scheduler, prediction, noise=settings(ip_noise_gamma=0.1))
-    batch = objective.prepare(latents, timesteps, gen())
+    batch = objective.add_noise(latents, timesteps, gen())
     replay = gen()
     noise = torch.randn(3, 4, 8, 8, generator=replay)
     xi = torch.randn(3, 4, 8, 8, generator=replay)
@@ -268,7 +268,7 @@ def test_ip_noise_perturbs_the_input_and_not_the_target(scheduler, prediction):
     else:
         torch.testing.assert_close(batch.target, scheduler.get_velocity(latents, noise, timesteps))
     # Without it, the same draws give the unperturbed input.
-    plain = DiffusionObjective.from_scheduler(scheduler, prediction).prepare(latents, timesteps, gen())
+    plain = DiffusionObjective.from_scheduler(scheduler, prediction).add_noise(latents, timesteps, gen())
     torch.testing.assert_close(plain.noisy_latents, forward(scheduler, latents, timesteps, noise))
     assert torch.equal(plain.target, batch.target)
 
@@ -289,14 +289,14 @@ def test_ip_noise_random_strength_and_statistics():
 
 
 def test_every_noise_technique_in_order(scheduler):
-    """prepare(): Gaussian, pyramid levels, offset (random strength, adaptive), then input perturbation."""
+    """add_noise(): Gaussian, pyramid levels, offset (random strength, adaptive), then input perturbation."""
     cfg = settings(
         noise_offset=0.1, noise_offset_random_strength=True, adaptive_noise_scale=0.02, multires_noise_iterations=3,
         multires_noise_discount=0.4, ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True,
     )
     latents = torch.randn(2, 4, 16, 24, generator=gen(1)) + 0.5
     timesteps = torch.tensor([100, 800])
-    batch = DiffusionObjective.from_scheduler(scheduler, "epsilon", noise=cfg).prepare(latents, timesteps, gen())
+    batch = DiffusionObjective.from_scheduler(scheduler, "epsilon", noise=cfg).add_noise(latents, timesteps, gen())
     replay = gen()
     noise = reference_pyramid(torch.randn(2, 4, 16, 24, generator=replay), 3, 0.4, replay)
     offset = 0.1 * uniform(replay) + 0.02 * latents.mean(dim=(2, 3), keepdim=True).abs()
@@ -339,7 +339,7 @@ def test_zero_terminal_snr_in_the_objective(scheduler, caplog):
     assert not caplog.records
     torch.testing.assert_close(objective.alphas_cumprod, zero_terminal_snr(scheduler.alphas_cumprod))
     # At the last timestep the input is pure noise and v = −x0.
-    batch = objective.prepare(latents, torch.tensor([999, 999]), gen())
+    batch = objective.add_noise(latents, torch.tensor([999, 999]), gen())
     torch.testing.assert_close(batch.noisy_latents, batch.noise)
     torch.testing.assert_close(batch.target, -latents)
     default = DiffusionObjective.from_scheduler(scheduler, "v_prediction")

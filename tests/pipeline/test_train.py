@@ -364,8 +364,8 @@ EVERY_TECHNIQUE = {
 
 
 def test_every_technique_at_once(sd15, tmp_path):
+    from pipeline.saving import technique_fields
     from pipeline.tables import read_table
-    from pipeline.train import TECHNIQUE_FIELDS
 
     project, plan = sd15
     settings = with_model(params_for("tiny-sd15", max_train_steps=20, learning_rate=1e-3, **EVERY_TECHNIQUE), v_parameterization=True)
@@ -373,9 +373,11 @@ def test_every_technique_at_once(sd15, tmp_path):
     assert result.global_step == 20 and all(torch.isfinite(torch.tensor(result.losses)))
     with safe_open(str(result.output), "pt") as handle:
         metadata = handle.metadata()
-    # Every technique's setting is recorded, under kohya's name where kohya has one.
-    for name in TECHNIQUE_FIELDS:
+    # Every technique's setting that acted is recorded, under kohya's name where kohya has one; the
+    # reflow keys did not act (no rectified flow), so they are not.
+    for name in technique_fields(settings.train):
         assert f"ss_{name}" in metadata, name
+    assert "ss_rectified_flow" in metadata and "ss_reflow_steps" not in metadata
     assert metadata["ss_loss_type"] == "fourier" and metadata["ss_fourier_mode"] == "weighted" and metadata["ss_fourier_weight"] == "0.05"
     assert metadata["ss_noise_offset"] == "0.05" and metadata["ss_multires_noise_iterations"] == "4"
     assert metadata["ss_reg_min_timestep"] == "500" and metadata["ss_min_timestep"] == "100"
@@ -428,20 +430,53 @@ def test_rectified_flow_needs_a_v_prediction_base(sd15, tmp_path):
         run(params_for("tiny-sd15", rectified_flow=True), paths(project, plan, tmp_path))
 
 
-def test_rectified_flow_with_reflow_trains(sd15, tmp_path, caplog):
+def test_rectified_flow_with_reflow_trains_on_its_own_pairs(sd15, tmp_path, caplog, monkeypatch):
     import logging
 
+    import pipeline.flow as flow
+    from pipeline.objective import DiffusionObjective
+
+    generated, seen = [], []
+    real_generate, real_loss = flow.generate_reflow_pairs, flow.RectifiedFlowObjective.compute_loss
+
+    def spy_generate(*args, **kwargs):
+        generated.extend(real_generate(*args, **kwargs))
+        return generated
+
+    def spy_loss(self, model_pred, batch, *args, **kwargs):
+        seen.append((batch.noise.detach().clone(), batch.target.detach().clone(), batch.timesteps.detach().clone(), torch.is_grad_enabled()))
+        return real_loss(self, model_pred, batch, *args, **kwargs)
+
+    def no_diffusion_loss(*args, **kwargs):
+        raise AssertionError("a rectified-flow run computed the DDPM loss")
+
+    monkeypatch.setattr(flow, "generate_reflow_pairs", spy_generate)
+    monkeypatch.setattr(flow.RectifiedFlowObjective, "compute_loss", spy_loss)
+    monkeypatch.setattr(DiffusionObjective, "compute_loss", no_diffusion_loss)
     project, plan = sd15
     settings = params_for(
         "tiny-sd15", max_train_steps=3, rectified_flow=True, reflow_steps=1, reflow_gen_batches=2, reflow_sample_steps=3,
-        learning_rate=1e-3, log_timesteps=True,
+        learning_rate=1e-3, log_timesteps=True, validation_split=0.3, validate_every=3,
     )
-    with caplog.at_level(logging.INFO, logger="pipeline.train"):
+    with caplog.at_level(logging.INFO, logger="pipeline.flow"):
         result = run(with_model(settings, v_parameterization=True), paths(project, plan, tmp_path))
     assert result.global_step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     assert "reflow 1/1: 2 pairs of batches" in caplog.text
+    # Reflow trained the flow objective on the model's own pairs: x0' as the noise, target x1'' - x0'.
+    assert len(generated) == 2
+    for (noise, endpoint, _), (used_noise, target, timesteps, _) in zip(generated, seen[:2], strict=True):
+        torch.testing.assert_close(used_noise, noise)
+        torch.testing.assert_close(target, endpoint - noise)
+        assert timesteps.dtype == torch.float32 and ((timesteps >= 0) & (timesteps < 1000)).all()
+    # Then 3 main steps on the cached latents, and the validation loss (no gradients) is the flow loss too.
+    assert [grad for *_, grad in seen[:5]] == [True] * 5 and seen[5:] and not any(grad for *_, grad in seen[5:])
+    assert len(result.validation_losses) == 1 and result.validation_losses[0] > 0
     with safe_open(str(result.output), "pt") as handle:
-        assert handle.metadata()["ss_rectified_flow"] == "True" and handle.metadata()["ss_reflow_steps"] == "1"
+        metadata = handle.metadata()
+    assert metadata["ss_rectified_flow"] == "True" and metadata["ss_reflow_steps"] == "1"
+    # The diffusion-only keys did not act, so they are not recorded; the ranges did, so they are.
+    assert "ss_min_snr_gamma" not in metadata and "ss_zero_terminal_snr" not in metadata
+    assert metadata["ss_min_timestep"] == "0" and metadata["ss_max_timestep"] == "1000"
 
 
 def test_ema_of_a_full_fine_tune_is_saved_as_its_own_single_file(sd15, tmp_path):
@@ -456,9 +491,9 @@ def test_ema_of_a_full_fine_tune_is_saved_as_its_own_single_file(sd15, tmp_path)
 
 
 def test_base_model_version_in_the_metadata():
-    from pipeline.train import lora_metadata
+    from pipeline.saving import RunSummary, training_metadata
 
     settings = params_for("tiny-sd15")
-    versions = {family: lora_metadata(settings, {"family": family}, 1, 1, "0" * 64) for family in ("sd", "sd2", "sdxl")}
-    assert [versions[f]["ss_base_model_version"] for f in ("sd", "sd2", "sdxl")] == ["sd_v1", "sd_v2", "sdxl_base_v1-0"]
-    assert versions["sd2"]["ss_v2"] == "True" and versions["sd"]["ss_v2"] == "False"
+    versions = {v: training_metadata(settings, RunSummary(v), 1, 1, "0" * 64) for v in ("sd1", "sd2", "sdxl")}
+    assert [versions[v]["ss_base_model_version"] for v in ("sd1", "sd2", "sdxl")] == ["sd_v1", "sd_v2", "sdxl_base_v1-0"]
+    assert versions["sd2"]["ss_v2"] == "True" and versions["sd1"]["ss_v2"] == "False"

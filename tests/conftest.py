@@ -1,4 +1,5 @@
-"""Shared fixtures: small generated images and the demo dataset in a temporary data root."""
+"""Shared fixtures and helpers: small generated images, the demo dataset in a temporary data root, a cached
+demo project, and the settings the trainer tests use."""
 
 from __future__ import annotations
 
@@ -9,9 +10,29 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+from pipeline.balance import BalancePaths
+from pipeline.balance import run as run_balance
+from pipeline.bucket import BucketPaths
+from pipeline.bucket import run as run_bucket
+from pipeline.cache import CachePaths
+from pipeline.cache import run as run_cache
 from pipeline.demo_data import write_demo_data
+from pipeline.latents import LatentStore
+from pipeline.params import (
+    BalanceParams,
+    BucketParams,
+    CacheParams,
+    Params,
+    ScanParams,
+    TrainParams,
+    validate_params,
+)
+from pipeline.scan import ScanPaths
+from pipeline.scan import run as run_scan
+from pipeline.train import TrainPaths
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -70,3 +91,81 @@ def scanned_demo(tmp_path_factory: pytest.TempPathFactory, demo_source: Path) ->
     out = tmp_path_factory.mktemp("scan")
     run(ScanParams(workers=1), ScanPaths(demo_source, out))
     return out / "images.parquet"
+
+
+# --- a project on disk: demo data scanned, bucketed and cached (shared by cache, balance, loader, train tests) ---
+BUCKETS = BucketParams(resolution=256, min_bucket_reso=128, max_bucket_reso=512)
+FAST = CacheParams(shard_max_count=4, workers=2)
+
+
+class Project:
+    def __init__(self, root: Path):
+        self.root = root
+        self.raw = root / "raw"
+        self.scan_paths = ScanPaths(self.raw, root / "scan")
+        self.bucket_paths = BucketPaths(self.scan_paths.images, root / "bucket")
+        self.paths = CachePaths(self.bucket_paths.buckets, self.scan_paths.files, self.raw, root / "latents")
+
+    def prepare(self, buckets: BucketParams = BUCKETS) -> Project:
+        run_scan(ScanParams(workers=1), self.scan_paths)
+        run_bucket(buckets, self.bucket_paths)
+        return self
+
+    def cache(self, cfg: CacheParams = FAST, base: str = "tiny-sd15", gc: bool = False):
+        return run_cache(cfg, base, "lanczos", self.paths, gc=gc)
+
+    @property
+    def store(self) -> LatentStore:
+        return LatentStore(self.paths.store)
+
+    def index(self) -> dict:
+        return self.store.load_index()
+
+
+def paths_of(project: Project, out: Path) -> BalancePaths:
+    """The balance stage's inputs from a prepared and cached project; the plan goes to out/."""
+    return BalancePaths(
+        project.scan_paths.images, project.bucket_paths.buckets, project.paths.keys,
+        project.paths.store / "index.parquet", None, None, out,
+    )
+
+
+# --- training on the demo set at resolution 256 with the tiny presets, on the CPU ---------------------
+def prepared(root: Path, demo_source: Path, base: str) -> tuple[Project, Path]:
+    """A cached demo project and its plan.parquet."""
+    shutil.copytree(demo_source, root / "raw")
+    project = Project(root).prepare()
+    project.cache(base=base)
+    run_balance(BalanceParams(), TrainParams(), paths_of(project, root / "plan"))
+    return project, root / "plan" / "plan.parquet"
+
+
+@pytest.fixture(scope="session")
+def sd15(demo_source: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Project, Path]:
+    """The demo set cached with tiny-sd15, and its plan (read-only for tests)."""
+    return prepared(tmp_path_factory.mktemp("train15"), demo_source, "tiny-sd15")
+
+
+def params_for(base: str, **train: object) -> Params:
+    settings = {"batch_size": 2, "workers": 0, "max_train_steps": 4, "network_dim": 4, "network_alpha": 2.0, **train}
+    return validate_params(
+        {"model": {"base": base}, "bucket": {"resolution": 256, "min_bucket_reso": 128, "max_bucket_reso": 512}, "train": settings}
+    )
+
+
+def with_model(settings: Params, **model: object) -> Params:
+    return settings.model_copy(update={"model": settings.model.model_copy(update=model)})
+
+
+def train_paths(project: Project, plan: Path, models: Path) -> TrainPaths:
+    return TrainPaths(plan, project.paths.store, project.paths.store / "index.parquet", models)
+
+
+def unet_output(pipeline: object) -> torch.Tensor:
+    """The pipeline's UNet output for fixed latents, timestep and prompt (compares LoRA loads)."""
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    tokens = pipeline.tokenizer(["a red circle"], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = pipeline.text_encoder(tokens)[0]
+        return pipeline.unet(latents, torch.tensor([500]), encoder_hidden_states=states).sample

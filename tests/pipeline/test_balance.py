@@ -6,7 +6,7 @@ from pipeline.balance import BalancePaths, balance_reg_repeats, build_plan, comp
 from pipeline.errors import KilnError
 from pipeline.params import BalanceParams, TrainParams
 from pipeline.tables import read_table
-from tests.pipeline.test_cache import Project
+from tests.conftest import Project, paths_of
 
 
 @pytest.mark.parametrize(
@@ -51,13 +51,6 @@ def project(demo_source, tmp_path_factory):
     built = Project(root).prepare()
     built.cache()
     return built
-
-
-def paths_of(project, out):
-    return BalancePaths(
-        project.scan_paths.images, project.bucket_paths.buckets, project.paths.keys,
-        project.paths.store / "index.parquet", None, None, out,
-    )
 
 
 def test_plan_from_the_demo(project, tmp_path):

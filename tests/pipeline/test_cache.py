@@ -18,46 +18,15 @@ import webdataset as wds
 from PIL import Image
 from safetensors.torch import load as load_tensors
 
-from pipeline.bucket import BucketPaths
-from pipeline.bucket import run as run_bucket
-from pipeline.cache import CachePaths, prepare, run
+from pipeline.cache import prepare
 from pipeline.errors import KilnError
 from pipeline.latents import LatentStore
 from pipeline.models import load_vae
-from pipeline.params import BucketParams, CacheParams, ScanParams
-from pipeline.scan import ScanPaths
-from pipeline.scan import run as run_scan
+from pipeline.params import BucketParams
 from pipeline.tables import read_table
+from tests.conftest import FAST, Project
 
 ROOT = Path(__file__).resolve().parents[2]
-BUCKETS = BucketParams(resolution=256, min_bucket_reso=128, max_bucket_reso=512)
-FAST = CacheParams(shard_max_count=4, workers=2)
-
-
-class Project:
-    def __init__(self, root: Path):
-        self.root = root
-        self.raw = root / "raw"
-        self.scan_paths = ScanPaths(self.raw, root / "scan")
-        self.bucket_paths = BucketPaths(self.scan_paths.images, root / "bucket")
-        self.paths = CachePaths(self.bucket_paths.buckets, self.scan_paths.files, self.raw, root / "latents")
-
-    def prepare(self, buckets: BucketParams = BUCKETS) -> "Project":
-        run_scan(ScanParams(workers=1), self.scan_paths)
-        run_bucket(buckets, self.bucket_paths)
-        return self
-
-    def cache(self, cfg: CacheParams = FAST, base: str = "tiny-sd15", gc: bool = False):
-        return run(cfg, base, "lanczos", self.paths, gc=gc)
-
-    @property
-    def store(self) -> LatentStore:
-        return LatentStore(self.paths.store)
-
-    def index(self) -> dict:
-        return self.store.load_index()
-
-
 @pytest.fixture
 def project(demo_source, tmp_path) -> Project:
     shutil.copytree(demo_source, tmp_path / "raw")

@@ -10,8 +10,7 @@ from pipeline.errors import KilnError
 from pipeline.loader import LatentLoader, epoch_counts, epoch_schedule, process_caption, rank_slice
 from pipeline.params import BalanceParams, CacheParams, TrainParams
 from pipeline.tables import read_table
-from tests.pipeline.test_balance import paths_of
-from tests.pipeline.test_cache import Project
+from tests.conftest import Project, paths_of
 
 
 def plan_rows(spec):

@@ -3,21 +3,13 @@ from safetensors import safe_open
 
 from pipeline.lora import TEXT_ENCODER, UNET_ATTENTION, add_lora, kohya_state_dict, save_kohya_lora
 from pipeline.presets import preset_dir
+from tests.conftest import unet_output
 
 
 def tiny_pipeline():
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline.from_pretrained(preset_dir("tiny-sd15"), safety_checker=None)
-
-
-def unet_output(pipeline):
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, 8, 8, generator=generator)
-    tokens = pipeline.tokenizer(["a red circle"], padding="max_length", max_length=16, return_tensors="pt").input_ids
-    with torch.no_grad():
-        states = pipeline.text_encoder(tokens)[0]
-        return pipeline.unet(latents, torch.tensor([500]), encoder_hidden_states=states).sample
 
 
 def test_kohya_keys_metadata_and_diffusers_round_trip(tmp_path):

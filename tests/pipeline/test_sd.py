@@ -84,3 +84,32 @@ def test_cond_dropout_default_and_kohya_alias():
     assert validate_params({}).train.cond_dropout == 0.04
     assert validate_params({"train": {"caption_dropout_rate": 0.1}}).train.cond_dropout == 0.1
     assert validate_params({"train": {"clip_skip": 2}}).train.clip_skip == 2
+
+
+def test_attention_types():
+    from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
+
+    from pipeline.errors import KilnError
+    from pipeline.sd import set_attention
+
+    unet = load_components("tiny-sd15").unet.eval()
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 16, 16, generator=generator)
+    states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+
+    def output():
+        with torch.no_grad():
+            return unet(latents, torch.tensor([10, 900]), encoder_hidden_states=states).sample
+
+    set_attention(unet, "sdp")
+    assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
+    fused = output()
+    set_attention(unet, "slice")
+    # Sliced attention: every attention computes in slices, and the result is the same attention.
+    assert all(isinstance(p, SlicedAttnProcessor) for p in unet.attn_processors.values())
+    torch.testing.assert_close(output(), fused, atol=1e-5, rtol=1e-4)
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(KilnError, match="train.attn_type: xformers is not installed"):
+            set_attention(unet, "xformers")

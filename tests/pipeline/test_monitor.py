@@ -3,10 +3,11 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+import pytest
 
+from pipeline.train import run
+from tests.conftest import params_for, train_paths
 
 
 def test_run_logger_works_in_a_git_repo_without_commits(tmp_path, monkeypatch):
@@ -20,3 +21,87 @@ def test_run_logger_works_in_a_git_repo_without_commits(tmp_path, monkeypatch):
     logger.finish({"steps": 1, "final_loss": 0.5})
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["final_loss"] == 0.5
     assert (tmp_path / "run" / "plots" / "metrics" / "lr.tsv").read_text().splitlines() == ["step\tlr", "1\t0.0001"]
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_throughput_counts_training_steps_only():
+    from pipeline.monitor import Throughput
+
+    clock = FakeClock()
+    throughput = Throughput(clock)
+    clock.now = 5.0  # the first step: allocation and kernel choice, not counted
+    throughput.step_done(4)
+    assert throughput.images_per_second == 0.0
+    clock.now += 2.0
+    throughput.step_done(4)
+    with throughput.excluding("samples"):
+        clock.now += 30.0  # drawing samples between two steps
+    clock.now += 2.0
+    throughput.step_done(4)
+    with throughput.excluding("validation"):
+        clock.now += 7.0
+    with throughput.excluding("samples"):
+        clock.now += 1.0
+    clock.now += 4.0
+    throughput.step_done(4)
+    assert throughput.images == 12 and throughput.seconds == 8.0
+    assert throughput.images_per_second == 1.5
+    assert dict(throughput.other_seconds) == {"samples": 31.0, "validation": 7.0}
+
+
+def test_the_trainer_times_steps_not_samples_and_writes_the_last_step(sd15, tmp_path, monkeypatch):
+    # Every training step takes 1 s of the fake clock, every sample grid 100 s: images/s must be
+    # batch_size / 1 s, and metrics.json's step the last step trained.
+    import time
+
+    import pipeline.train as train
+    from pipeline.samples import Sampler
+
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    real_micro_step, real_draw = train.micro_step, Sampler.draw
+
+    def one_second_steps(t, batch, global_step):
+        clock.now += 1.0
+        return real_micro_step(t, batch, global_step)
+
+    def slow_samples(self, *args, **kwargs):
+        clock.now += 100.0
+        return real_draw(self, *args, **kwargs)
+
+    monkeypatch.setattr(train, "micro_step", one_second_steps)
+    monkeypatch.setattr(Sampler, "draw", slow_samples)
+    project, plan = sd15
+    prompt = {"prompt": "sks circle", "seed": 1, "steps": 1, "width": 32, "height": 32}
+    settings = params_for("tiny-sd15", max_train_steps=4, batch_size=2, sample_prompts=[prompt], sample_every_n_steps=1)
+    result = run(settings, train_paths(project, plan, tmp_path))
+    assert result.images_per_second == pytest.approx(2.0)
+    metrics = json.loads((tmp_path / "kiln" / "metrics.json").read_text())
+    assert metrics["step"] == 4 and metrics["steps"] == 4 and metrics["images_per_second"] == pytest.approx(2.0)
+
+
+def test_metrics_json_step_is_the_last_step_logged(tmp_path):
+    from pipeline.monitor import RunLogger
+
+    logger = RunLogger(tmp_path / "run", True)
+    for step in (1, 2, 3, 4):
+        logger.scalars(step, {"loss": 1.0 / step, "lr": 1e-4})
+    logger.finish({"steps": 4})
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 4
+    assert (tmp_path / "run" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[-1] == "4\t0.25"
+
+
+def test_timesteps_log_is_written_with_its_schema(tmp_path):
+    from pipeline.monitor import write_timesteps
+    from pipeline.tables import read_table
+
+    rows = [{"global_step": 0, "image_id": "a", "is_reg": False, "timestep": 17}]
+    write_timesteps(rows, tmp_path / "logs" / "timesteps.parquet")
+    assert read_table(tmp_path / "logs" / "timesteps.parquet") == rows

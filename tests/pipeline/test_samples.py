@@ -1,12 +1,8 @@
 """Samples drawn during training: the grid files, the trained and EMA weights."""
 
-from pathlib import Path
 
 from pipeline.train import run
 from tests.conftest import params_for, train_paths
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 
 def test_samples_are_drawn_with_the_current_weights(sd15, tmp_path):

@@ -1,6 +1,5 @@
 """What a run writes: the LoRA and full-model files, their EMA twins, the diffusers LoRA, the metadata."""
 
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -8,9 +7,6 @@ from safetensors.torch import load_file
 
 from pipeline.train import run
 from tests.conftest import params_for, train_paths
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 
 def test_diffusers_format_lora_loads_and_matches_the_kohya_file(sd15, tmp_path):

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean-demo
+.PHONY: demo test test-slow test-all venv clean-demo
 
 venv: $(VENV)/.installed
 
@@ -23,10 +23,25 @@ demo: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # pytest exits 5 when it collected no test: that is a failure, never a pass.
-test: venv
-	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+PYTEST = $(BIN)/python -m pytest --durations=15
+define run_pytest
+	@$(PYTEST) $(1) $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
+endef
+
+# The default suite: everything but the tests marked slow (the dvc graph, multi-process runs).
+test: venv
+	$(call run_pytest,)
+
+# Only the slow tests: real `dvc repro` / `dvc exp run`, 2-process accelerate launches, kill-and-resume
+# subprocesses. CI runs `make test` then `make test-slow`.
+test-slow: venv
+	$(call run_pytest,-m slow)
+
+# Both at once.
+test-all: venv
+	KILN_SLOW=1 $(PYTEST) $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf data/scan data/bucket

@@ -11,6 +11,9 @@ import yaml
 
 from pipeline.demo_data import write_demo_data
 
+# Minutes each on 2 cores: the whole graph runs, several times. `make test-slow` runs them.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

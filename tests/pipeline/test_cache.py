@@ -247,6 +247,7 @@ def test_disk_full_removes_the_partial_shard_and_keeps_the_index_honest(project,
     assert result.encoded == 23 - kept and len(project.index()) == 23
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_is_complete_and_consistent(project, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(
@@ -291,6 +292,7 @@ def test_vae_override_and_missing_model(project):
         project.cache(FAST.model_copy(update={"vae": "/nowhere/vae"}))
 
 
+@pytest.mark.slow
 def test_distributed_two_processes_equal_one(project, tmp_path):
     single = Project(tmp_path / "single")
     shutil.copytree(project.root / "raw", single.raw)

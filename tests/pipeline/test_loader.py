@@ -190,9 +190,8 @@ def test_corrupt_shard_gives_the_named_error(demo, tmp_path):
 
 
 def test_streaming_loader_for_remote_shards(demo):
-    from pipeline.loader import StreamingLatentLoader, is_remote
+    from pipeline.loader import StreamingLatentLoader
 
-    assert is_remote("s3://bucket/latents") and is_remote("pipe:curl -s https://x") and not is_remote("data/latents")
     project, plan = demo
     index_path = project.paths.store / "index.parquet"
     cfg = TrainParams(batch_size=3, flip_p=0.5)
@@ -245,3 +244,27 @@ def test_streaming_loader_length_matches_what_it_yields(demo):
     loader = StreamingLatentLoader(plan, project.paths.store / "index.parquet", str(project.paths.store), TrainParams(batch_size=4, bucket_remainder="partial"))
     expected = len(loader)
     assert expected == len(list(loader))
+
+
+def test_both_loaders_seed_a_batch_by_its_position(demo):
+    # The step's draws come from (seed, epoch, batch number) whichever loader is used, and a restored
+    # loader gives the generator the uninterrupted one would have.
+    from pipeline.loader import StreamingLatentLoader, batch_generator
+
+    def draws(generator):
+        return torch.rand(4, generator=generator)
+
+    project, plan = demo
+    cfg = TrainParams(batch_size=2, workers=0, seed=9)
+    local = LatentLoader(plan, project.paths.store, cfg)
+    streaming = StreamingLatentLoader(plan, project.paths.store / "index.parquet", str(project.paths.store), cfg)
+    for loader in (local, streaming):
+        for number, _ in enumerate(loader, start=1):
+            assert torch.equal(draws(loader.generator()), draws(batch_generator(9, 0, number)))
+            if number == 3:
+                break
+    restored = LatentLoader(plan, project.paths.store, cfg)
+    restored.load_state_dict({"epoch": 0, "batch_index": 2, "seed": 9})
+    next(iter(restored))
+    assert torch.equal(draws(restored.generator()), draws(batch_generator(9, 0, 3)))
+    assert not torch.equal(draws(batch_generator(9, 0, 3)), draws(batch_generator(9, 1, 3)))

@@ -169,3 +169,22 @@ def test_readme_error_example_is_the_real_message():
 
 def test_unquoted_yaml_no_is_the_string_no():
     assert validate_params(yaml.safe_load("train:\n  mixed_precision: no\n")).train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("use_log_norm_timesteps", True), ("zero_terminal_snr", True), ("loss_type", "huber"), ("min_snr_gamma", 5.0),
+     ("debiased_estimation_loss", True)],
+)
+def test_rectified_flow_refuses_what_only_the_diffusion_schedule_reads(key, value):
+    # No key is silently ignored: under rectified flow a diffusion-only setting is an error naming it.
+    message = error_of({"train": {"rectified_flow": True, key: value}})
+    assert message.startswith(f"params.yaml: train.{key}: belongs to the diffusion schedule")
+    assert "turn rectified_flow off" in message
+    validate_params({"train": {key: value}})  # without rectified flow it is fine
+
+
+def test_rectified_flow_accepts_what_acts_in_it():
+    settings = {"rectified_flow": True, "loss_type": "l2", "min_timestep": 100, "max_timestep": 900, "reg_min_timestep": 500,
+                "noise_offset": 0.05, "ip_noise_gamma": 0.1, "masked_loss": True, "reflow_steps": 1}
+    assert validate_params({"train": settings}).train.reg_timestep_range == (500, 900)

@@ -103,6 +103,7 @@ def test_load_settings_every_epoch_applies_only_reloadable_keys(tmp_path, caplog
     assert (techniques.noise_offset, techniques.min_snr_gamma, techniques.clip_skip) == (0.1, 5.0, 2)
 
 
+@pytest.mark.slow
 def test_two_process_accelerate_launch(sd15, tmp_path):
     project, plan = sd15
     params_file = tmp_path / "params.yaml"

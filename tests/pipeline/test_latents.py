@@ -1,0 +1,49 @@
+"""The latent store's reader: one checked read path for the loader, the validator and compaction."""
+
+import pickle
+
+import pytest
+
+from pipeline.errors import KilnError
+from pipeline.latents import LatentStore, Sample, checked, is_remote
+
+
+def store_with_two(tmp_path):
+    import torch
+
+    store = LatentStore(tmp_path / "latents")
+    samples = [Sample(key, {"mean": torch.full((4, 2, 2), float(n))}, {"bucket": "64x64"}) for n, key in enumerate(["a", "b"])]
+    return store, store.write_shard("64x64", samples)
+
+
+def test_reads_are_checked_against_the_index(tmp_path):
+    store, rows = store_with_two(tmp_path)
+    assert store.read(rows["b"])["mean"][0, 0, 0].item() == 1.0
+    shard = store.root / rows["a"]["shard"]
+    data = bytearray(shard.read_bytes())
+    data[rows["b"]["offset"] + rows["b"]["size"] - 1] ^= 0xFF  # flip one byte of sample b
+    shard.write_bytes(bytes(data))
+    assert store.read(rows["a"])["mean"][0, 0, 0].item() == 0.0  # a is intact
+    with pytest.raises(KilnError, match=r"shard-.*\.tar: latent b does not match its checksum; .*Rerun `kiln cache`"):
+        store.read(rows["b"])
+
+
+def test_a_kept_open_reader_reuses_its_file_and_travels_to_workers_without_it(tmp_path):
+    store, rows = store_with_two(tmp_path)
+    reader = LatentStore(store.root, keep_open=True)
+    reader.read(rows["a"])
+    reader.read(rows["b"])
+    assert list(reader._handles) == [rows["a"]["shard"]]  # one open file for the shard
+    copy = pickle.loads(pickle.dumps(reader))  # what a DataLoader worker receives
+    assert copy._handles == {} and copy.read(rows["b"])["mean"][0, 0, 0].item() == 1.0
+
+
+def test_checked_names_where_the_payload_came_from():
+    row = {"cache_key": "k", "sha256": "0" * 64}
+    with pytest.raises(KilnError, match=r"^s3://bucket/shard-1\.tar: latent k does not match its checksum"):
+        checked(b"payload", row, "s3://bucket/shard-1.tar")
+
+
+def test_remote_stores_are_urls_and_pipes():
+    assert is_remote("s3://bucket/latents") and is_remote("https://host/latents") and is_remote("pipe:curl -s x")
+    assert not is_remote("data/latents") and not is_remote("/abs/data/latents")

@@ -60,9 +60,9 @@ def plain_rate(base: str, files: Path, buckets: Path, raw: Path, captions: list[
             latents = vae.encode(pixels[rows]).latent_dist.sample(generator) * components.scaling_factor
             states, _ = encode_text(components, [captions[row % len(captions)] for row in rows], "cpu")
         timesteps = objective.sample_timesteps(torch.zeros(batch_size), torch.full((batch_size,), 1000), generator)
-        noisy = objective.prepare(latents, timesteps, generator)
+        noisy = objective.add_noise(latents, timesteps, generator)
         prediction = components.unet(noisy.noisy_latents, timesteps, encoder_hidden_states=states).sample
-        loss, _ = objective.loss(prediction, noisy, torch.ones(batch_size))
+        loss = objective.compute_loss(prediction, noisy, torch.ones(batch_size)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

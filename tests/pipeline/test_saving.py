@@ -6,14 +6,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline.train import run
-from tests.conftest import params_for, train_paths
+from tests.conftest import params_for, train_paths, unet_output
 
 
 def test_diffusers_format_lora_loads_and_matches_the_kohya_file(sd15, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from pipeline.presets import preset_dir
-    from tests.pipeline.test_lora import unet_output
+
 
     project, plan = sd15
     result = run(params_for("tiny-sd15", max_train_steps=2, save_diffusers_lora=True, learning_rate=1e-2), train_paths(project, plan, tmp_path))

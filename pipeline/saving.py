@@ -48,9 +48,15 @@ class RunSummary:
 
 
 def technique_fields(cfg: TrainParams) -> tuple[str, ...]:
-    """The technique settings that acted in this run: the rectified-flow objective reads no diffusion-only
-    key (params refuse them there) and the DDPM objective no reflow key, so neither is recorded."""
-    inactive = DIFFUSION_ONLY if cfg.rectified_flow else FLOW_ONLY
+    """The technique settings that acted in this run. The rectified-flow objective reads no diffusion-only
+    key (params refuse them there) and the DDPM objective no reflow key; the fourier_* keys act only with
+    loss_type fourier and the ema_* keys only with EMA on. kohya's own keys (huber_c, multires ...) are
+    always written, as kohya writes them."""
+    inactive = set(DIFFUSION_ONLY if cfg.rectified_flow else FLOW_ONLY)
+    if cfg.loss_type != "fourier":
+        inactive.update(name for name in TECHNIQUE_FIELDS if name.startswith("fourier_"))
+    if not cfg.ema_enabled:
+        inactive.update(name for name in TECHNIQUE_FIELDS if name.startswith("ema_"))
     return tuple(name for name in TECHNIQUE_FIELDS if name not in inactive)
 
 

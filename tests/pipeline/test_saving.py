@@ -71,3 +71,18 @@ def test_base_model_version_in_the_metadata():
     versions = {v: training_metadata(settings, RunSummary(v), 1, 1, "0" * 64) for v in ("sd1", "sd2", "sdxl")}
     assert [versions[v]["ss_base_model_version"] for v in ("sd1", "sd2", "sdxl")] == ["sd_v1", "sd_v2", "sdxl_base_v1-0"]
     assert versions["sd2"]["ss_v2"] == "True" and versions["sd1"]["ss_v2"] == "False"
+
+
+def test_the_metadata_records_only_the_settings_that_acted():
+    from pipeline.saving import RunSummary, training_metadata
+
+    plain = training_metadata(params_for("tiny-sd15"), RunSummary(), 1, 1, "0" * 64)
+    assert plain["ss_loss_type"] == "mse" and plain["ss_min_snr_gamma"] == "None"
+    assert plain["ss_huber_c"] == "0.1" and plain["ss_multires_noise_discount"] == "0.3"  # kohya writes its keys always
+    assert not [key for key in plain if key.startswith(("ss_fourier_", "ss_ema_", "ss_reflow_"))]
+    flow = params_for("tiny-sd15", rectified_flow=True, reflow_steps=2, min_timestep=100, ema_decay_rate=0.99)
+    written = training_metadata(flow, RunSummary(prediction_type="v_prediction"), 1, 1, "0" * 64)
+    assert written["ss_reflow_steps"] == "2" and written["ss_min_timestep"] == "100" and written["ss_ema_decay_rate"] == "0.99"
+    for key in ("min_snr_gamma", "zero_terminal_snr", "use_log_norm_timesteps", "debiased_estimation_loss", "loss_type"):
+        assert f"ss_{key}" not in written, key
+    assert "ss_debiased_estimation" not in written

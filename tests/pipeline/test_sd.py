@@ -113,3 +113,16 @@ def test_attention_types():
     except ImportError:
         with pytest.raises(KilnError, match="train.attn_type: xformers is not installed"):
             set_attention(unet, "xformers")
+
+
+def test_the_model_version_is_told_from_the_text_encoder():
+    from types import SimpleNamespace
+
+    from pipeline.sd import model_version
+
+    def encoder(width):
+        return SimpleNamespace(config=SimpleNamespace(hidden_size=width))
+
+    assert model_version("sd", [encoder(768)]) == "sd1"
+    assert model_version("sd", [encoder(1024)]) == "sd2"  # OpenCLIP ViT-H: kohya's ss_v2
+    assert model_version("sdxl", [encoder(768), encoder(1280)]) == "sdxl"

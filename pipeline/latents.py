@@ -226,12 +226,12 @@ class LatentStore:
         """One sample's serialised tensors through its index row, checked against its sha256."""
         path = self.root / row["shard"]
         if self.keep_open:
-            handle = self._handles.get(row["shard"])
-            if handle is None:
-                handle = self._handles[row["shard"]] = open(path, "rb")
-            handle.seek(row["offset"])
-            return checked(handle.read(row["size"]), row, path)
-        with open(path, "rb") as handle:
+            if row["shard"] not in self._handles:
+                self._handles[row["shard"]] = open(path, "rb")
+            reading = contextlib.nullcontext(self._handles[row["shard"]])
+        else:
+            reading = open(path, "rb")
+        with reading as handle:
             handle.seek(row["offset"])
             return checked(handle.read(row["size"]), row, path)
 

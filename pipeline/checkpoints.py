@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.errors import KilnError
+from pipeline.weights import save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,15 @@ def save_checkpoint(
     final, tmp = root / name, root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_weights(params), str(tmp / "weights.safetensors"))
+    save_safetensors(_weights(params), tmp / "weights.safetensors")
     for file_name, tensors in (extra_weights or {}).items():
-        save_file(tensors, str(tmp / f"{file_name}.safetensors"))
+        save_safetensors(tensors, tmp / f"{file_name}.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng.safetensors"))
+    save_safetensors(rng, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps(state, sort_keys=True, indent=2))
     if final.exists():
         shutil.rmtree(final)

@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.errors import KilnError
+from pipeline.weights import save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,7 @@ class EMA:
         return {f"{index:05d}": tensor.contiguous() for index, tensor in enumerate(self.shadow)}
 
     def save(self, path: Path) -> Path:
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(self.state_dict(), str(tmp), metadata={"decay": str(self.decay), "interval": str(self.interval)})
-        tmp.replace(path)
-        return path
+        return save_safetensors(self.state_dict(), path, {"decay": str(self.decay), "interval": str(self.interval)})
 
     def load(self, path: Path) -> None:
         """Restore the shadows from `save()`'s file (ema_resume_model, or a checkpoint's ema.safetensors)."""

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+
+from pipeline.weights import save_safetensors
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 UNET_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
@@ -80,11 +81,8 @@ def kohya_state_dict(networks: list[tuple[str, Any]], alpha: float, dtype: torch
 
 def save_kohya_lora(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Write atomically; every metadata value is a string, as safetensors and kohya require."""
-    strings = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=strings)
-    tmp.replace(path)
+    strings = {key: value if isinstance(value, str) else json.dumps(value, sort_keys=True) for key, value in metadata.items()}
+    save_safetensors(state, path, strings)
 
 
 def save_diffusers_lora(folder: Path, unet: Any, text_encoders: list[Any], xl: bool) -> None:

@@ -121,7 +121,7 @@ def save_weights(
     (original key names, with the VAE the latents came from)."""
     dtype = SAVE_DTYPES[cfg.save_precision]
     if cfg.mode == "full":
-        strings = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items() if not key.startswith("ss_network")}
+        strings = {key: value if isinstance(value, str) else json.dumps(value, sort_keys=True) for key, value in metadata.items() if not key.startswith("ss_network")}
         save_single_file(path, components.family, unet, vae(), components.text_encoders, strings, dtype)
     else:
         save_kohya_lora(path, kohya_state_dict([("lora_unet", unet), *lora_text_encoders], cfg.network_alpha, dtype), metadata)

@@ -22,6 +22,7 @@ import torch
 
 from pipeline.errors import KilnError
 from pipeline.sd import model_version
+from pipeline.weights import save_safetensors
 
 RESNET_NAMES = {
     "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -174,17 +175,10 @@ def original_state_dict(family: str, unet: Any, vae: Any, text_encoders: list[An
 
 def save_single_file(path: Path, family: str, unet: Any, vae: Any, text_encoders: list[Any], metadata: dict[str, str], dtype: torch.dtype | None = None) -> Path:
     """Write the checkpoint atomically (tmp, then rename), optionally cast (fp16 halves the size)."""
-    from safetensors.torch import save_file
-
     state = original_state_dict(family, unet, vae, text_encoders)
     if dtype is not None:
         state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file(state, str(tmp), metadata=metadata)
-        tmp.replace(path)
+        return save_safetensors(state, path, metadata)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise KilnError(f"{path}: cannot write the checkpoint ({exc.strerror or exc})") from None
-    return path

@@ -86,3 +86,17 @@ def test_the_metadata_records_only_the_settings_that_acted():
     for key in ("min_snr_gamma", "zero_terminal_snr", "use_log_norm_timesteps", "debiased_estimation_loss", "loss_type"):
         assert f"ss_{key}" not in written, key
     assert "ss_debiased_estimation" not in written
+
+
+def test_identical_runs_write_identical_files(sd15, tmp_path):
+    # DVC's "only changed steps rerun" needs the same bytes for the same inputs: the LoRA, its EMA twin.
+    import hashlib
+
+    project, plan = sd15
+    settings = params_for("tiny-sd15", max_train_steps=2, ema_decay_rate=0.9, ema_update_interval=1)
+    digests = []
+    for name in ("a", "b"):
+        run(settings, train_paths(project, plan, tmp_path / name))
+        folder = tmp_path / name / "kiln"
+        digests.append([hashlib.sha256((folder / file).read_bytes()).hexdigest() for file in ("kiln.safetensors", "kiln_ema.safetensors")])
+    assert digests[0] == digests[1]

@@ -6,6 +6,8 @@ name and accepts the other as an alias (`learning_rate` / `lr`).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import re
 from collections.abc import Iterator, Sequence
@@ -25,6 +27,20 @@ from pydantic import (
 
 from pipeline.errors import ParamsError
 
+# While a `recording_reads()` block runs, every params key a stage reads ("section.key") is added here,
+# so a test can check that dvc.yaml declares every key a stage's outputs depend on.
+_READS: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("kiln_param_reads", default=None)
+
+
+@contextlib.contextmanager
+def recording_reads() -> Iterator[set[str]]:
+    reads: set[str] = set()
+    token = _READS.set(reads)
+    try:
+        yield reads
+    finally:
+        _READS.reset(token)
+
 
 class Section(BaseModel):
     """A params.yaml section: unknown keys are errors, and every field's docstring is its help text."""
@@ -38,6 +54,13 @@ class Section(BaseModel):
         validate_default=True,
         frozen=True,
     )
+
+    def __getattribute__(self, name: str) -> Any:
+        if not name.startswith("_"):
+            reads = _READS.get()
+            if reads is not None and name in type(self).model_fields:
+                reads.add(f"{type(self).SECTION}.{name}")
+        return super().__getattribute__(name)
 
     @model_validator(mode="before")
     @classmethod
@@ -967,6 +990,7 @@ def validate_params(raw: Any, source: str = "params.yaml", overridden: Sequence[
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: must be a mapping of sections (got {type(raw).__name__})")
+    token = _READS.set(None)  # the cross-field checks read every key of their section: not a stage's read
     try:
         return Params.model_validate(raw)
     except ParamsError as exc:
@@ -979,6 +1003,19 @@ def validate_params(raw: Any, source: str = "params.yaml", overridden: Sequence[
             origin = "--set" if key in overridden else source
             lines.append(_format_error(error, origin))
         raise ParamsError("\n".join(lines)) from None
+    finally:
+        _READS.reset(token)
+
+
+def declared_values(params: Params, names: Sequence[str]) -> dict[str, Any]:
+    """The values of `names`, each a section ("train") or one key ("bucket.resolution"), as JSON data:
+    what a stage declares in dvc.yaml, and so what its outputs may depend on."""
+    dumped = params.model_dump(mode="json")
+    values = {}
+    for name in names:
+        section, _, key = name.partition(".")
+        values[name] = dumped[section][key] if key else dumped[section]
+    return values
 
 
 def load_params(path: Path | str = "params.yaml", overrides: Sequence[str] = ()) -> Params:

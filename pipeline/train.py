@@ -32,7 +32,7 @@ from pipeline.monitor import RunLogger, Throughput, lora_block_magnitudes, write
 from pipeline.noise import NoiseSettings
 from pipeline.objective import DiffusionObjective, Objective
 from pipeline.optim import build_optimizer, build_scheduler, scaled_lr
-from pipeline.params import Params, TrainParams, load_params
+from pipeline.params import Params, TrainParams, declared_values, load_params
 from pipeline.samples import Sampler
 from pipeline.saving import RunSummary, save_outputs, training_metadata
 from pipeline.sd import SDComponents, load_components, set_attention
@@ -41,6 +41,11 @@ from pipeline.tables import read_table
 from pipeline.validation import Validator, held_out
 
 log = logging.getLogger(__name__)
+
+# The params the train stage's outputs depend on (the metadata records bucket.resolution and
+# balance.prior_loss_weight; samples and the single file use cache.vae's VAE). dvc.yaml declares exactly
+# these (tests/test_dvc_yaml.py checks it), and the run's params hash covers exactly these.
+PARAMS = ("model", "train", "bucket.resolution", "balance.prior_loss_weight", "cache.vae")
 
 # What EveryDream2's load_settings_every_epoch may change mid-run (those Kiln defines).
 # zero_frequency_noise_ratio is Kiln's noise_offset (its alias).
@@ -290,7 +295,7 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
             reg_images=sum(row["is_reg"] and row["repeats"] > 0 for row in plan),
             tag_frequency=tag_frequency or {}, ema_decay=ema.decay if ema is not None else None,
         )
-        resolved = hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        resolved = hashlib.sha256(json.dumps(declared_values(params, PARAMS), sort_keys=True).encode()).hexdigest()
         metadata = training_metadata(params, summary, result.global_step, loader.epoch, resolved)
         result.output = save_outputs(
             run_dir, cfg, components, accelerator.unwrap_model(unet), network.lora_text_encoders, lambda: sampler.vae, ema, metadata,

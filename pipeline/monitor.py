@@ -22,16 +22,23 @@ TIMESTEPS_SCHEMA = pa.schema(
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, events: Path | None = None, fresh: bool = True):
+        """TensorBoard events go to `events` (default run_dir/logs); `fresh` clears it first, so a run
+        redone from the start does not append a second curve to its old one."""
         self.enabled = enabled
         self.last_step: int | None = None
         if not enabled:  # ranks other than the main process log nothing
             return
+        import shutil
+
         from dvclive import Live
         from torch.utils.tensorboard import SummaryWriter
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.tensorboard = SummaryWriter(log_dir=str(run_dir / "logs"))
+        events = events or run_dir / "logs"
+        if fresh and events != run_dir / "logs":
+            shutil.rmtree(events, ignore_errors=True)
+        self.tensorboard = SummaryWriter(log_dir=str(events))
         # Our dvc.yaml declares the outputs; dvclive must not edit it or commit experiments itself.
         settings = {"dir": str(run_dir), "save_dvc_exp": False, "dvcyaml": False, "report": None}
         try:

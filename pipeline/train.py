@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.cadence import due, due_or_last
-from pipeline.checkpoints import Checkpointer, resolve_seed, resume_source
+from pipeline.checkpoints import Checkpointer, RunIdentity, resolve_seed, resume_source
 from pipeline.ema import EMA, decay_for_target
 from pipeline.errors import KilnError
 from pipeline.flow import RectifiedFlowObjective, check_rectified_flow, reflow
@@ -46,6 +46,16 @@ log = logging.getLogger(__name__)
 # balance.prior_loss_weight; samples and the single file use cache.vae's VAE). dvc.yaml declares exactly
 # these (tests/test_dvc_yaml.py checks it), and the run's params hash covers exactly these.
 PARAMS = ("model", "train", "bucket.resolution", "balance.prior_loss_weight", "cache.vae")
+
+# Declared keys that change what is logged, drawn or written, but not the trained weights: a run with
+# only these changed is the same run, and resumes its checkpoints.
+NOT_WEIGHTS = frozenset({
+    "train.log_step", "train.log_timesteps", "train.save_every_n_steps", "train.save_every_n_epochs",
+    "train.save_last_n", "train.sample_prompts", "train.sample_every_n_steps", "train.sample_every_n_epochs",
+    "train.validate_every", "train.workers", "train.write_schedule", "train.save_precision",
+    "train.save_diffusers_lora", "train.output_name", "train.ema_sample_ema_model", "train.ema_sample_nonema_model",
+    "bucket.resolution", "balance.prior_loss_weight", "cache.vae",
+})
 
 # What EveryDream2's load_settings_every_epoch may change mid-run (those Kiln defines).
 # zero_frequency_noise_ratio is Kiln's noise_offset (its alias).
@@ -112,6 +122,21 @@ class Training:
     progress: Any
     throughput: Throughput = field(default_factory=Throughput)
     timesteps_log: list[dict[str, Any]] = field(default_factory=list)  # train.log_timesteps
+
+
+def run_identity(params: Params, plan: Path) -> RunIdentity:
+    """What determines this run's weights: the declared params (but NOT_WEIGHTS), the plan's bytes and
+    Kiln's code. Taken from the params as declared, so `seed: -1` is itself part of the identity."""
+    values: dict[str, Any] = {}
+    for name, value in declared_values(params, PARAMS).items():
+        values.update({f"{name}.{key}": item for key, item in value.items()} if isinstance(value, dict) else {name: value})
+    values = {key: value for key, value in values.items() if key not in NOT_WEIGHTS}
+    values["plan"] = hashlib.sha256(Path(plan).read_bytes()).hexdigest()
+    code = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        code.update(source.name.encode() + source.read_bytes())
+    values["code"] = code.hexdigest()
+    return RunIdentity(values)
 
 
 def load_model(params: Params) -> SDComponents:
@@ -205,9 +230,10 @@ def reload_settings(current: TrainParams, params_file: Path, overrides: tuple[st
 def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_frequency: dict[str, Any] | None = None) -> TrainResult:
     from accelerate import Accelerator
 
-    # --- run folder and seed: a resumed run keeps its checkpoint's seed -----------------------------
+    # --- run identity, resume source and seed: a run resumes only its own checkpoints ---------------
     run_dir = paths.run_dir(params.train.output_name)
-    source = resume_source(run_dir / "checkpoints", resume)
+    identity = run_identity(params, paths.plan)
+    source = resume_source(run_dir / "checkpoints", resume, identity)
     seed = resolve_seed(params.train.seed, source)
     params = params.model_copy(update={"train": params.train.model_copy(update={"seed": seed})})
     cfg = params.train
@@ -267,12 +293,14 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     # --- EMA, checkpoints and resume --------------------------------------------------------------
     ema = build_ema(cfg, network.trainable, total_steps)
     checkpointer = Checkpointer(
-        run_dir / "checkpoints", network.trainable, optimizer, scheduler, loader, ema, cfg.save_last_n, accelerator.is_main_process,
+        run_dir / "checkpoints", network.trainable, optimizer, scheduler, loader, ema, cfg.save_last_n, identity,
+        accelerator.is_main_process,
     )
     global_step = checkpointer.restore(source, cfg.seed) if source is not None else 0
 
     # --- logging and samples ---------------------------------------------------------------------
-    logger = RunLogger(run_dir, accelerator.is_main_process)
+    # TensorBoard events per run (logs/run-<id>): a resumed run continues its own; a fresh one starts clean.
+    logger = RunLogger(run_dir, accelerator.is_main_process, run_dir / "logs" / f"run-{identity.id[:12]}", fresh=global_step == 0)
     sampler = Sampler(components, params, run_dir / "samples", accelerator.device, logger, accelerator.is_main_process, ema is not None)
     progress = tqdm(total=total_steps, initial=global_step, desc="train", unit="step", disable=not accelerator.is_main_process)
     training = Training(
@@ -285,6 +313,7 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
         result = fit(training, global_step, stop)
 
     # --- outputs -----------------------------------------------------------------------------------
+    checkpointer.finish(result.global_step)
     result.images_per_second = training.throughput.images_per_second
     if training.throughput.other_seconds:
         log.info("outside the training steps: %s", ", ".join(f"{k} {v:.1f} s" for k, v in sorted(training.throughput.other_seconds.items())))
@@ -332,7 +361,10 @@ def fit(t: Training, global_step: int, stop: StopRequest) -> TrainResult:
                 break
         if stop.signal:
             path = t.checkpointer.save("interrupted", global_step)
-            raise Interrupted(f"{stop.signal}: stopped at step {global_step}; saved {path}. Continue with `kiln train --resume latest`.")
+            raise Interrupted(
+                f"{stop.signal}: stopped at step {global_step}; saved {path}. Continue with `kiln train` or `dvc repro` "
+                "(this run resumes its own checkpoint)."
+            )
         after_epoch(t, epoch + 1, global_step)
     result.global_step = global_step
     return result

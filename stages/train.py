@@ -17,8 +17,13 @@ def main(
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
     resume: Annotated[
-        str | None, typer.Option(help="Continue from `latest` or a checkpoint folder under models/<name>/checkpoints.")
-    ] = None,
+        str,
+        typer.Option(
+            help="auto: continue this run's newest checkpoint if it has one (what `dvc repro` does after a Ctrl-C), "
+            "else start fresh; latest: the same, but an error without one; none: always start fresh; or a checkpoint "
+            "folder. A checkpoint of another run (other params, plan or code) is refused, naming what differs."
+        ),
+    ] = "auto",
     plan: Annotated[Path, typer.Option(help="The balance stage's plan.")] = Path("data/plan/plan.parquet"),
     latents: Annotated[str, typer.Option(help="The latent store: a folder, or a shard URL prefix (s3://...).")] = "data/latents",
     index: Annotated[Path, typer.Option(help="The latent index.")] = Path("data/latents/index.parquet"),
@@ -28,7 +33,7 @@ def main(
     models: Annotated[Path, typer.Option(help="Where models/<output_name>/ goes.")] = Path("models"),
 ) -> None:
     """Train a LoRA (kohya key format, ss_* metadata) with accelerate; Ctrl-C or SIGTERM saves a
-    checkpoint that `--resume latest` continues exactly. Several GPUs: `accelerate launch -m stages.train`."""
+    checkpoint that `kiln train` (or `dvc repro`) continues exactly. Several GPUs: `accelerate launch -m stages.train`."""
     loaded = load(params, overrides)
     frequency = json.loads(tag_frequency.read_text()) if tag_frequency.is_file() else {}
     paths = train.TrainPaths(plan, latents, index, models, params, tuple(overrides or ()))

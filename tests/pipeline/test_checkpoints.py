@@ -15,7 +15,9 @@ def test_resume_gives_identical_weights(sd15, tmp_path):
     straight = run(params_for("tiny-sd15", max_train_steps=10), train_paths(project, plan, tmp_path / "a"))
     first = run(params_for("tiny-sd15", max_train_steps=5, save_every_n_steps=5), train_paths(project, plan, tmp_path / "b"))
     assert first.global_step == 5
-    resumed = run(params_for("tiny-sd15", max_train_steps=10), train_paths(project, plan, tmp_path / "b"), resume="latest")
+    # max_train_steps differs, so this is another run: continuing from its checkpoint must be asked by name.
+    checkpoint = str(tmp_path / "b" / "kiln" / "checkpoints" / "step-00000005")
+    resumed = run(params_for("tiny-sd15", max_train_steps=10), train_paths(project, plan, tmp_path / "b"), resume=checkpoint)
     assert resumed.global_step == 10
     a, b = load_file(str(straight.output)), load_file(str(resumed.output))
     assert a.keys() == b.keys()
@@ -30,7 +32,8 @@ def test_ema_is_saved_in_checkpoints_and_resumes_exactly(sd15, tmp_path):
     straight = run(params_for("tiny-sd15", max_train_steps=4, **settings), train_paths(project, plan, tmp_path / "a"))
     run(params_for("tiny-sd15", max_train_steps=2, save_every_n_steps=2, **settings), train_paths(project, plan, tmp_path / "b"))
     assert (tmp_path / "b" / "kiln" / "checkpoints" / "step-00000002" / "ema.safetensors").is_file()
-    run(params_for("tiny-sd15", max_train_steps=4, **settings), train_paths(project, plan, tmp_path / "b"), resume="latest")
+    checkpoint = str(tmp_path / "b" / "kiln" / "checkpoints" / "step-00000002")
+    run(params_for("tiny-sd15", max_train_steps=4, **settings), train_paths(project, plan, tmp_path / "b"), resume=checkpoint)
     a = load_file(str(tmp_path / "a" / "kiln" / "kiln_ema.safetensors"))
     b = load_file(str(tmp_path / "b" / "kiln" / "kiln_ema.safetensors"))
     assert all(torch.equal(a[key], b[key]) for key in a)
@@ -50,26 +53,60 @@ class Optim:
         self.state = state
 
 
-def saved(root, name, step, seed=42):
+def identity(**values):
+    from pipeline.checkpoints import RunIdentity
+
+    return RunIdentity({"train.learning_rate": 1e-4, "plan": "p", **values})
+
+
+def saved(root, name, step, seed=42, run=None, keep_last=5):
     from pipeline.checkpoints import save_checkpoint
 
+    run = run or identity()
     param = torch.nn.Parameter(torch.full((2,), float(step)))
-    return save_checkpoint(root, name, [param], Optim(), Optim(), {"global_step": step, "loader": {"seed": seed}}, keep_last=5)
+    state = {"global_step": step, "loader": {"seed": seed}, "run": {"id": run.id, "values": run.values}}
+    return save_checkpoint(root, name, [param], Optim(), Optim(), state, keep_last=keep_last)
 
 
-def test_resume_latest_is_the_highest_step_and_a_missing_one_is_a_clear_error(tmp_path):
+def test_resume_takes_this_runs_newest_checkpoint_and_refuses_another_runs(tmp_path, caplog):
+    import logging
+
     from pipeline.checkpoints import resume_source
     from pipeline.errors import KilnError
 
-    root = tmp_path / "checkpoints"
-    assert resume_source(root, None) is None
+    root, mine, other = tmp_path / "checkpoints", identity(), identity(**{"train.learning_rate": 5e-4})
+    assert resume_source(root, None, mine) is None and resume_source(root, "none", mine) is None
+    assert resume_source(root, "auto", mine) is None  # nothing yet: a fresh start
     with pytest.raises(KilnError, match=r"--resume latest: no checkpoint in .*checkpoints"):
-        resume_source(root, "latest")
+        resume_source(root, "latest", mine)
     saved(root, "step-00000002", 2)
-    saved(root, "interrupted", 7)
     saved(root, "step-00000005", 5)
-    assert resume_source(root, "latest") == root / "interrupted"
-    assert resume_source(root, str(root / "step-00000002")) == root / "step-00000002"
+    saved(root, "step-00000009", 9, run=other)  # a later step, of another run
+    assert resume_source(root, "latest", mine) == root / "step-00000005"
+    assert resume_source(root, "auto", mine) == root / "step-00000005"
+    assert resume_source(root, str(root / "step-00000002"), mine) == root / "step-00000002"
+    # Named explicitly, another run's checkpoint is taken (training on from it), with a warning naming what differs.
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoints"):
+        assert resume_source(root, str(root / "step-00000009"), mine) == root / "step-00000009"
+    assert "step-00000009 belongs to another run (train.learning_rate: 0.0005 -> 0.0001)" in caplog.text
+    # Another run with none of its own: `latest` names what differs; `auto` starts fresh.
+    third = identity(plan="q")
+    with pytest.raises(KilnError, match=r"belongs to another run \(plan: 'p' -> 'q'"):
+        resume_source(root, "latest", third)
+    assert resume_source(root, "auto", third) is None
+
+
+def test_pruning_keeps_other_runs_and_drops_superseded_interrupts(tmp_path):
+    from pipeline.checkpoints import checkpoints
+
+    root, other = tmp_path / "checkpoints", identity(**{"train.learning_rate": 5e-4})
+    for step in (10, 20, 30):
+        saved(root, f"step-{step:08d}", step, run=other, keep_last=1)
+    assert [path.name for path in checkpoints(root)] == ["step-00000030"]  # keep_last within a run
+    saved(root, "interrupted", 3, keep_last=1)
+    saved(root, "step-00000004", 4, keep_last=1)  # supersedes this run's interrupt
+    saved(root, "step-00000005", 5, keep_last=1)
+    assert [path.name for path in checkpoints(root)] == ["step-00000005", "step-00000030"]
 
 
 def test_seed_rule(tmp_path, caplog):
@@ -96,8 +133,51 @@ def test_restore_refuses_another_seed(tmp_path):
             self.state = state
 
     param = torch.nn.Parameter(torch.zeros(2))
-    checkpointer = Checkpointer(tmp_path / "run", [param], Optim(), Optim(), Loader(), None, keep_last=2)
+    checkpointer = Checkpointer(tmp_path / "run", [param], Optim(), Optim(), Loader(), None, keep_last=2, run=identity())
     with pytest.raises(KilnError, match=r"saved with train.seed=1, but this run has 2"):
         checkpointer.restore(source, 2)
     assert checkpointer.restore(source, 1) == 3
     assert torch.equal(param.detach(), torch.full((2,), 3.0))
+
+
+def test_runs_do_not_hijack_each_other(sd15, tmp_path, monkeypatch):
+    # Run A trains to the end; run B (another learning rate) in the same folder is stopped at step 3.
+    # B's pruning leaves A's checkpoints; B continues its own interrupt, not A's later step.
+    import os
+    import signal
+
+    import pipeline.train as train
+    from pipeline.checkpoints import checkpoints
+    from pipeline.errors import KilnError
+    from pipeline.train import Interrupted
+
+    project, plan = sd15
+    paths = train_paths(project, plan, tmp_path)
+    run_a = params_for("tiny-sd15", max_train_steps=6, save_every_n_steps=2, save_last_n=2)
+    run_b = params_for("tiny-sd15", max_train_steps=6, save_every_n_steps=2, save_last_n=2, learning_rate=5e-4)
+    weights_a = load_file(str(run(run_a, paths).output))
+    folder = tmp_path / "kiln" / "checkpoints"
+    assert [path.name for path in checkpoints(folder)] == ["step-00000004", "step-00000006"]
+
+    real_micro_step = train.micro_step
+
+    def stopped_at_step_3(t, batch, global_step):
+        if global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_micro_step(t, batch, global_step)
+
+    monkeypatch.setattr(train, "micro_step", stopped_at_step_3)
+    with pytest.raises(Interrupted):
+        run(run_b, paths, resume="auto")  # A's checkpoints are not B's: a fresh start
+    monkeypatch.setattr(train, "micro_step", real_micro_step)
+    assert [path.name for path in checkpoints(folder)] == ["step-00000002", "interrupted", "step-00000004", "step-00000006"]
+    b = run(run_b, paths, resume="auto")
+    assert len(b.losses) == 3  # steps 4 to 6, from B's own interrupt at step 3
+    weights_b = load_file(str(b.output))  # the same path as A's: B's weights, not a copy of A's
+    assert any(not torch.equal(weights_a[key], weights_b[key]) for key in weights_a)
+    # B's later saves superseded its interrupt and replaced A's same-named step-4 and step-6.
+    assert [path.name for path in checkpoints(folder)] == ["step-00000004", "step-00000006"]
+    with pytest.raises(KilnError, match=r"belongs to another run \(.*train\.learning_rate: 0\.0005 -> 0\.001"):
+        run(params_for("tiny-sd15", max_train_steps=6, learning_rate=1e-3), paths, resume="latest")
+    # Each run has its own TensorBoard folder.
+    assert len(list((tmp_path / "kiln" / "logs").glob("run-*"))) == 2

@@ -106,7 +106,7 @@ def main() -> None:
         raw = root / "raw"
         write_images(raw, 0, args.images)
         scan_paths = ScanPaths(raw, root / "scan")
-        bucket_paths = BucketPaths(scan_paths.images, root / "bucket")
+        bucket_paths = BucketPaths(scan_paths.files, root / "bucket")
         run_scan(ScanParams(), scan_paths)
         run_bucket(BucketParams(resolution=512), bucket_paths)
         spec = vae_spec(args.vae, root)

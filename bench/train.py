@@ -84,13 +84,13 @@ def main() -> None:
         root = Path(tmp)
         write_demo_data(root / "raw")
         scan_paths = ScanPaths(root / "raw", root / "scan")
-        bucket_paths = BucketPaths(scan_paths.images, root / "bucket")
+        bucket_paths = BucketPaths(scan_paths.files, root / "bucket")
         run_scan(ScanParams(), scan_paths)
         run_bucket(BUCKETS, bucket_paths)
         cache_paths = CachePaths(bucket_paths.buckets, scan_paths.files, root / "raw", root / "latents")
         run_cache(CacheParams(), base, "lanczos", cache_paths)
         balance_paths = BalancePaths(
-            scan_paths.images, bucket_paths.buckets, cache_paths.keys, cache_paths.store / "index.parquet", None, None, root / "plan"
+            scan_paths.images, bucket_paths.buckets, cache_paths.keys, cache_paths.store / "manifest.parquet", None, None, root / "plan"
         )
         run_balance(BalanceParams(), TrainParams(), balance_paths)
         captions = [row["caption"] for row in read_table(balance_paths.plan)]

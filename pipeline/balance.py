@@ -50,7 +50,7 @@ class BalancePaths:
     images: Path
     buckets: Path
     keys: Path  # data/latents/keys.parquet
-    index: Path  # data/latents/index.parquet
+    manifest: Path  # data/latents/manifest.parquet: the latents the store holds
     captions: Path | None
     tags: Path | None
     out_dir: Path
@@ -117,12 +117,12 @@ def _steps(group_sizes: list[int], batch_size: int, remainder: str) -> int:
 
 
 def build_plan(paths: BalancePaths, cfg: BalanceParams, train: TrainParams) -> BalanceResult:
-    for table, stage in ((paths.images, "scan"), (paths.buckets, "bucket"), (paths.keys, "cache"), (paths.index, "cache")):
+    for table, stage in ((paths.images, "scan"), (paths.buckets, "bucket"), (paths.keys, "cache"), (paths.manifest, "cache")):
         if not table.is_file():
             raise KilnError(f"{table}: not found; run `kiln {stage}` first")
     images = sorted(read_table(paths.images), key=lambda row: row["path"])
     buckets = {row["image_id"]: row for row in read_table(paths.buckets)}
-    index = {row["cache_key"] for row in read_table(paths.index)}
+    index = {row["cache_key"] for row in read_table(paths.manifest)}
     keys: dict[tuple[str, bool], str] = {(row["image_id"], row["flip"]): row["cache_key"] for row in read_table(paths.keys)}
     captions, tags = _optional_table(paths.captions), _optional_table(paths.tags)
     warnings: list[str] = []

@@ -40,7 +40,7 @@ BUCKETS_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class BucketPaths:
-    images: Path
+    files: Path  # data/scan/files.parquet: each image's geometry and path (no captions)
     out_dir: Path
 
     @property
@@ -136,7 +136,7 @@ def assign(width: int, height: int, image_id: str, buckets: list[tuple[int, int]
 
 
 def bucket_images(images: list[dict[str, Any]], cfg: BucketParams) -> BucketResult:
-    """Assign every image of images.parquet; rows sorted by image_id so the bytes never depend on order."""
+    """Assign every image (image_id, path, width, height); rows sorted by image_id so the bytes never depend on order."""
     buckets = make_buckets(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps)
     rows = []
     over_error = []
@@ -160,10 +160,12 @@ def bucket_images(images: list[dict[str, Any]], cfg: BucketParams) -> BucketResu
 
 
 def run(cfg: BucketParams, paths: BucketPaths) -> BucketResult:
-    """Read images.parquet and write buckets.parquet and buckets.json (per-bucket counts, a DVC plot)."""
-    if not paths.images.is_file():
-        raise KilnError(f"{paths.images}: not found; run `kiln scan` first")
-    images = read_table(paths.images)
+    """Read files.parquet and write buckets.parquet and buckets.json (per-bucket counts, a DVC plot).
+
+    The geometry table, not images.parquet: a caption edit changes images.parquet, never a bucket."""
+    if not paths.files.is_file():
+        raise KilnError(f"{paths.files}: not found; run `kiln scan` first")
+    images = read_table(paths.files)
     result = bucket_images(images, cfg)
     for message in result.over_error:
         log.warning(message)

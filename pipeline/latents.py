@@ -2,6 +2,7 @@
 
 data/latents/
     index.parquet              one row per sample: cache_key -> shard, byte offset, size, sha256, shapes
+    manifest.parquet           (cache_key, sha256) per sample: what downstream stages depend on
     summary.json               what the last run encoded, reused, repaired and left as garbage
     <group>/shard-<hash>.tar   one shard set per group (a bucket, e.g. 512x768); webdataset reads them
 
@@ -57,6 +58,10 @@ INDEX_SCHEMA = pa.schema(
         ("target_size", pa.list_(pa.int32())),
     ]
 )
+# data/latents/manifest.parquet: which latents the store holds and their content hashes, nothing about
+# where they lie. What balance and train depend on: compaction, repair or a rebuild move shards and
+# offsets (the index changes) but leave the manifest's bytes alone, so those stages do not rerun.
+MANIFEST_SCHEMA = pa.schema([("cache_key", pa.string()), ("sha256", pa.string())])
 # Index fields that describe the sample itself; the rest say where it lives. Stored in the .json member.
 META_FIELDS = [name for name in INDEX_SCHEMA.names if name not in ("shard", "offset", "size", "sha256")]
 
@@ -145,6 +150,10 @@ class LatentStore:
         return self.root / "index.parquet"
 
     @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.parquet"
+
+    @property
     def summary_path(self) -> Path:
         return self.root / "summary.json"
 
@@ -154,7 +163,10 @@ class LatentStore:
         return {row["cache_key"]: row for row in read_table(self.index_path)}
 
     def write_index(self, rows: dict[str, dict[str, Any]]) -> None:
-        write_table([rows[key] for key in sorted(rows)], INDEX_SCHEMA, self.index_path)
+        """The index, and the manifest (cache_key, sha256) that stages downstream depend on."""
+        ordered = [rows[key] for key in sorted(rows)]
+        write_table([{"cache_key": row["cache_key"], "sha256": row["sha256"]} for row in ordered], MANIFEST_SCHEMA, self.manifest_path)
+        write_table(ordered, INDEX_SCHEMA, self.index_path)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(summary, self.summary_path)

@@ -142,3 +142,34 @@ class Throughput:
 def write_timesteps(rows: list[dict[str, Any]], path: Path) -> None:
     """logs/timesteps.parquet for train.log_timesteps."""
     write_table(rows, TIMESTEPS_SCHEMA, path)
+
+
+def draw_loss_curve(losses: list[float], validation: list[tuple[int, float]], path: Path, first_step: int = 1) -> Path:
+    """The training loss per step (blue) and the validation loss (orange dots) as a PNG, to look at without
+    TensorBoard or a network. Deterministic bytes for identical values (DVC tracks it)."""
+    from PIL import Image, ImageDraw
+
+    width, height, margin = 640, 360, 48
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    values = losses + [value for _, value in validation]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    span = (high - low) or 1.0
+    last = first_step + max(len(losses) - 1, 1)
+
+    def point(step: int, value: float) -> tuple[float, float]:
+        x = margin + (step - first_step) / max(last - first_step, 1) * (width - 2 * margin)
+        return x, height - margin - (value - low) / span * (height - 2 * margin)
+
+    draw.rectangle((margin, margin, width - margin, height - margin), outline="black")
+    draw.text((margin, 12), f"loss, steps {first_step}-{last}", fill="black")
+    draw.text((4, margin - 6), f"{high:.4g}", fill="black")
+    draw.text((4, height - margin - 6), f"{low:.4g}", fill="black")
+    if len(losses) > 1:
+        draw.line([point(first_step + i, value) for i, value in enumerate(losses)], fill=(31, 119, 180), width=2)
+    for step, value in validation:
+        x, y = point(step, value)
+        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(255, 127, 14))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return path

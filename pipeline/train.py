@@ -28,7 +28,7 @@ from pipeline.latents import LatentStore, is_remote
 from pipeline.loader import make_loader
 from pipeline.lora import TEXT_ENCODER, UNET_ATTENTION, UNET_FEED_FORWARD, add_lora
 from pipeline.losses import LossSettings
-from pipeline.monitor import RunLogger, Throughput, lora_block_magnitudes, write_timesteps
+from pipeline.monitor import RunLogger, Throughput, draw_loss_curve, lora_block_magnitudes, write_timesteps
 from pipeline.noise import NoiseSettings
 from pipeline.objective import DiffusionObjective, Objective
 from pipeline.optim import build_optimizer, build_scheduler, scaled_lr
@@ -37,7 +37,7 @@ from pipeline.samples import Sampler
 from pipeline.saving import RunSummary, save_outputs, training_metadata
 from pipeline.sd import SDComponents, load_components, set_attention
 from pipeline.step import StepOutput, TrainingStep
-from pipeline.tables import read_table
+from pipeline.tables import read_table, write_json
 from pipeline.validation import Validator, held_out
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ class Training:
     progress: Any
     throughput: Throughput = field(default_factory=Throughput)
     timesteps_log: list[dict[str, Any]] = field(default_factory=list)  # train.log_timesteps
+    validation_points: list[tuple[int, float]] = field(default_factory=list)  # (global_step, validation loss)
 
 
 def run_identity(params: Params, plan: Path) -> RunIdentity:
@@ -331,10 +332,21 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
         )
         if cfg.log_timesteps:
             write_timesteps(training.timesteps_log, run_dir / "logs" / "timesteps.parquet")
+    # metrics.json holds what judges a run (`dvc metrics diff`, `dvc exp show`); throughput varies from
+    # run to run, so it goes to perf.json, which DVC tracks as a plain output and never diffs.
+    validated = [value for value in result.validation_losses if value is not None]
     logger.finish(
         {"steps": result.global_step, "final_loss": result.losses[-1] if result.losses else None,
-         "best_loss": min(result.losses) if result.losses else None, "images_per_second": round(result.images_per_second, 3)}
+         "best_loss": min(result.losses) if result.losses else None,
+         **({"validation_loss": validated[-1]} if validated else {})}
     )
+    if accelerator.is_main_process:
+        write_json(
+            {"images_per_second": round(result.images_per_second, 3),
+             "seconds_outside_steps": {key: round(value, 3) for key, value in sorted(training.throughput.other_seconds.items())}},
+            run_dir / "perf.json",
+        )
+        draw_loss_curve(result.losses, training.validation_points, run_dir / "loss.png", first_step=result.global_step - len(result.losses) + 1)
     return result
 
 
@@ -416,6 +428,8 @@ def after_step(t: Training, result: TrainResult, global_step: int, output: StepO
             with t.throughput.excluding("validation"):
                 result.validation_losses.append(t.validator.loss(t.step) if t.validator is not None else None)
             values["validation_loss"] = result.validation_losses[-1]
+            if values["validation_loss"] is not None:
+                t.validation_points.append((global_step, values["validation_loss"]))
         t.logger.scalars(global_step, {k: v for k, v in values.items() if v is not None}, ("loss", "lr", "validation_loss", "fourier_component"))
         t.logger.histogram(global_step, "timesteps", output.timesteps)
     if due(cfg.save_every_n_steps, global_step):

@@ -18,7 +18,7 @@ def main(
     overrides: SetOption = None,
     images: Annotated[Path, typer.Option(help="The scan stage's image table.")] = Path("data/scan/images.parquet"),
     buckets: Annotated[Path, typer.Option(help="The bucket stage's table.")] = Path("data/bucket/buckets.parquet"),
-    latents: Annotated[Path, typer.Option(help="The latent store (keys.parquet, index.parquet).")] = Path("data/latents"),
+    latents: Annotated[Path, typer.Option(help="The latent store (keys.parquet, manifest.parquet).")] = Path("data/latents"),
     captions: Annotated[Path, typer.Option(help="The caption stage's table, used when present.")] = Path(
         "data/caption/captions.parquet"
     ),
@@ -29,7 +29,7 @@ def main(
     EveryDream2 multiply), regularisation balancing (balance.reg_mode) and loss weights."""
     loaded = load(params, overrides)
     paths = balance.BalancePaths(
-        images, buckets, latents / "keys.parquet", latents / "index.parquet", captions, tags, out
+        images, buckets, latents / "keys.parquet", latents / "manifest.parquet", captions, tags, out
     )
     result = balance.run(loaded.balance, loaded.train, paths)
     summary = result.summary

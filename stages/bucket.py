@@ -1,4 +1,4 @@
-"""`kiln bucket`: aspect-ratio bucketing of data/scan/images.parquet into data/bucket/."""
+"""`kiln bucket`: aspect-ratio bucketing of data/scan/files.parquet into data/bucket/."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from stages.common import ParamsOption, SetOption, console, load, run_single, us
 def main(
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
-    images: Annotated[Path, typer.Option(help="The scan stage's image table.")] = Path("data/scan/images.parquet"),
+    files: Annotated[Path, typer.Option(help="The scan stage's geometry table.")] = Path("data/scan/files.parquet"),
     out: Annotated[Path, typer.Option(help="Where buckets.parquet and buckets.json go.")] = Path("data/bucket"),
 ) -> None:
     """Assign every image to a kohya aspect-ratio bucket, with its resize and crop geometry.
@@ -24,7 +24,7 @@ def main(
     The bucket set comes from bucket.resolution, min_bucket_reso, max_bucket_reso and bucket_reso_steps.
     """
     cfg = load(params, overrides).bucket
-    result = bucket.run(cfg, bucket.BucketPaths(images, out))
+    result = bucket.run(cfg, bucket.BucketPaths(files, out))
     table = Table(title=f"bucket: {len(result.rows)} images in {len(result.counts)} buckets")
     for column in ("bucket", "aspect", "images"):
         table.add_column(column, justify="right")

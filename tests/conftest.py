@@ -103,7 +103,7 @@ class Project:
         self.root = root
         self.raw = root / "raw"
         self.scan_paths = ScanPaths(self.raw, root / "scan")
-        self.bucket_paths = BucketPaths(self.scan_paths.images, root / "bucket")
+        self.bucket_paths = BucketPaths(self.scan_paths.files, root / "bucket")
         self.paths = CachePaths(self.bucket_paths.buckets, self.scan_paths.files, self.raw, root / "latents")
 
     def prepare(self, buckets: BucketParams = BUCKETS) -> Project:
@@ -126,7 +126,7 @@ def paths_of(project: Project, out: Path) -> BalancePaths:
     """The balance stage's inputs from a prepared and cached project; the plan goes to out/."""
     return BalancePaths(
         project.scan_paths.images, project.bucket_paths.buckets, project.paths.keys,
-        project.paths.store / "index.parquet", None, None, out,
+        project.paths.store / "manifest.parquet", None, None, out,
     )
 
 

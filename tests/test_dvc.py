@@ -1,5 +1,6 @@
 """The real `dvc repro` on a temporary copy of the project: only changed stages rerun."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -8,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from pipeline.demo_data import write_demo_data
+from pipeline.tables import read_table
 
 # Minutes each on 2 cores: the whole graph runs, several times. `make test-slow` runs them.
 pytestmark = pytest.mark.slow
@@ -47,9 +50,22 @@ def project(tmp_path: Path) -> Path:
     return project
 
 
+def encoded(project: Path) -> int:
+    """How many latents the last cache run encoded (its summary)."""
+    return json.loads((project / "data/latents/summary.json").read_text())["encoded"]
+
+
+def set_param(project: Path, section: str, key: str, value: object) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+
 def test_repro_reruns_only_what_changed(project: Path):
+    """The rerun matrix: each change reruns exactly the stages that depend on it, and encodes only what is new."""
     assert ran(dvc(project, "repro")) == {"scan", "caption", "tag", "bucket", "cache", "balance", "train"}
     assert (project / "models/kiln/kiln.safetensors").is_file()
+    assert encoded(project) == 23
     buckets = (project / "data/bucket/buckets.parquet").read_bytes()
     tags = (project / "data/tag/tags.parquet").read_bytes()
     captions = (project / "data/caption/captions.parquet").read_bytes()
@@ -61,24 +77,44 @@ def test_repro_reruns_only_what_changed(project: Path):
     caption = project / "data/raw/train/10_sks circle/circle_01.txt"
     caption.write_text("an edited caption\n")
     edited = dvc(project, "repro")
-    # Bucket reruns (images.parquet changed) and writes identical bytes; tag and cache read only
-    # files.parquet and buckets.parquet, which did not change, so DVC skips them.
-    assert ran(edited) == {"scan", "caption", "bucket", "balance", "train"}
+    # bucket reads only files.parquet (geometry), tag and cache files.parquet and buckets.parquet: none changed.
+    assert ran(edited) == {"scan", "caption", "balance", "train"}
     assert (project / "data/bucket/buckets.parquet").read_bytes() == buckets
     assert (project / "data/tag/tags.parquet").read_bytes() == tags
     assert (project / "data/caption/captions.parquet").read_bytes() != captions
     # The captioner ran on nothing: its outputs came from the persisted cache.
     assert "0 generated now, 11 from the cache" in edited
 
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["bucket"]["resolution"] = 768
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    Image.new("RGB", (320, 320), (10, 200, 30)).save(project / "data/raw/train/10_sks circle/circle_new.png")
+    assert ran(dvc(project, "repro")) == {"scan", "caption", "tag", "bucket", "cache", "balance", "train"}
+    assert encoded(project) == 1
+
+    set_param(project, "train", "learning_rate", 5e-4)
+    assert ran(dvc(project, "repro")) == {"train"}
+
+    (project / "pipeline/noise.py").write_text((project / "pipeline/noise.py").read_text() + "\n# an edit\n")
+    assert ran(dvc(project, "repro")) == {"train"}
+
+    set_param(project, "tag", "general_threshold", 0.5)
+    assert ran(dvc(project, "repro")) == {"tag", "balance", "train"}
+
+    set_param(project, "balance", "prior_loss_weight", 0.5)
+    assert ran(dvc(project, "repro")) == {"balance", "train"}  # and never cache
+
+    dvc_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    gc = subprocess.run([str(BIN / "kiln"), "cache", "--gc"], cwd=project, env=dvc_env, capture_output=True, text=True)
+    assert gc.returncode == 0, gc.stderr[-2000:]
+    # The store was repacked (the index moved), but its manifest did not change: only cache is stale.
+    assert ran(dvc(project, "repro")) <= {"cache"}
+    assert encoded(project) == 0
+
+    set_param(project, "bucket", "resolution", 768)
     assert ran(dvc(project, "repro")) == {"bucket", "cache", "balance", "train"}
     assert (project / "data/bucket/buckets.parquet").read_bytes() != buckets
 
-    params["balance"]["prior_loss_weight"] = 0.5
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    assert ran(dvc(project, "repro")) == {"balance", "train"}  # and never cache
+    set_param(project, "model", "base", "tiny-sdxl")
+    assert ran(dvc(project, "repro")) == {"cache", "balance", "train"}
+    assert encoded(project) == len(read_table(project / "data/latents/keys.parquet"))  # another VAE: every latent again
 
     out = project / "plots"
     dvc(project, "plots", "show", "-o", str(out))

@@ -85,7 +85,7 @@ def test_missing_latent_names_the_image_and_says_run_cache(project, tmp_path):
     trimmed = tmp_path / "keys.parquet"
     pq.write_table(pq.read_table(project.paths.keys).slice(1), trimmed)
     paths = BalancePaths(
-        project.scan_paths.images, project.bucket_paths.buckets, trimmed, project.paths.store / "index.parquet",
+        project.scan_paths.images, project.bucket_paths.buckets, trimmed, project.paths.store / "manifest.parquet",
         None, None, tmp_path,
     )
     path = next(r["path"] for r in read_table(project.scan_paths.images) if r["image_id"] == keys[0]["image_id"])

@@ -90,7 +90,7 @@ def test_aspect_error_warning_names_the_image(demo_root, tmp_path, caplog):
     scan_paths = ScanPaths(demo_root, tmp_path / "scan")
     run_scan(ScanParams(workers=1), scan_paths)
     with caplog.at_level(logging.WARNING):
-        result = run(BucketParams(max_aspect_error=0.05), BucketPaths(scan_paths.images, tmp_path / "bucket"))
+        result = run(BucketParams(max_aspect_error=0.05), BucketPaths(scan_paths.files, tmp_path / "bucket"))
     assert result.over_error
     assert "reg/1_shape/shape_02.png: 768x512 in bucket 640x384 (aspect error 11% > bucket.max_aspect_error=5%)" in caplog.text
 
@@ -98,7 +98,7 @@ def test_aspect_error_warning_names_the_image(demo_root, tmp_path, caplog):
 def test_outputs_are_byte_identical_and_ignore_captions(demo_root, tmp_path):
     scan_paths = ScanPaths(demo_root, tmp_path / "scan")
     run_scan(ScanParams(workers=1), scan_paths)
-    first = BucketPaths(scan_paths.images, tmp_path / "bucket1")
+    first = BucketPaths(scan_paths.files, tmp_path / "bucket1")
     result = run(BucketParams(), first)
     buckets_bytes, counts_bytes = first.buckets.read_bytes(), first.counts.read_bytes()
 
@@ -106,7 +106,7 @@ def test_outputs_are_byte_identical_and_ignore_captions(demo_root, tmp_path):
     images_before = scan_paths.images.read_bytes()
     run_scan(ScanParams(workers=1), scan_paths)
     assert scan_paths.images.read_bytes() != images_before
-    second = BucketPaths(scan_paths.images, tmp_path / "bucket2")
+    second = BucketPaths(scan_paths.files, tmp_path / "bucket2")
     run(BucketParams(), second)
     assert second.buckets.read_bytes() == buckets_bytes
     assert second.counts.read_bytes() == counts_bytes
@@ -122,4 +122,4 @@ def test_outputs_are_byte_identical_and_ignore_captions(demo_root, tmp_path):
 
 def test_missing_images_table_says_run_scan(tmp_path):
     with pytest.raises(KilnError, match="run `kiln scan` first"):
-        run(BucketParams(), BucketPaths(tmp_path / "images.parquet", tmp_path / "out"))
+        run(BucketParams(), BucketPaths(tmp_path / "files.parquet", tmp_path / "out"))

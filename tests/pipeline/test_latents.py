@@ -47,3 +47,24 @@ def test_checked_names_where_the_payload_came_from():
 def test_remote_stores_are_urls_and_pipes():
     assert is_remote("s3://bucket/latents") and is_remote("https://host/latents") and is_remote("pipe:curl -s x")
     assert not is_remote("data/latents") and not is_remote("/abs/data/latents")
+
+
+def test_compaction_moves_the_index_but_not_the_manifest(tmp_path):
+    import torch
+
+    from pipeline.tables import read_table
+
+    store = LatentStore(tmp_path / "latents")
+    rows = {}
+    for n, key in enumerate(["a", "b", "c", "d"]):  # one shard per sample, as incremental runs leave them
+        meta = {"kind": "latent", "image_id": key, "flip": False, "bucket": "64x64", "shape": [4, 2, 2], "dtype": "float32",
+                "has_mask": False, "original_size": [16, 16], "crop_top_left": [0, 0], "target_size": [16, 16]}
+        sample = Sample(key, {"mean": torch.full((4, 2, 2), float(n))}, meta)
+        rows.update(store.write_shard("64x64", [sample]))
+    store.write_index(rows)
+    index, manifest = store.index_path.read_bytes(), store.manifest_path.read_bytes()
+    assert read_table(store.manifest_path) == [{"cache_key": k, "sha256": rows[k]["sha256"]} for k in "abcd"]
+    packed = store.compact(rows, {"a", "b", "c", "d"}, max_count=4, max_bytes=1 << 20)  # `kiln cache --gc`
+    assert len({row["shard"] for row in packed.values()}) == 1
+    assert store.index_path.read_bytes() != index  # new shard, new offsets
+    assert store.manifest_path.read_bytes() == manifest  # same latents, same bytes: balance and train stay put

@@ -84,7 +84,9 @@ def test_the_trainer_times_steps_not_samples_and_writes_the_last_step(sd15, tmp_
     result = run(settings, train_paths(project, plan, tmp_path))
     assert result.images_per_second == pytest.approx(2.0)
     metrics = json.loads((tmp_path / "kiln" / "metrics.json").read_text())
-    assert metrics["step"] == 4 and metrics["steps"] == 4 and metrics["images_per_second"] == pytest.approx(2.0)
+    assert metrics["step"] == 4 and metrics["steps"] == 4 and "images_per_second" not in metrics
+    perf = json.loads((tmp_path / "kiln" / "perf.json").read_text())  # throughput apart from the judged metrics
+    assert perf["images_per_second"] == pytest.approx(2.0) and perf["seconds_outside_steps"]["samples"] == pytest.approx(400.0)
 
 
 def test_metrics_json_step_is_the_last_step_logged(tmp_path):
@@ -105,3 +107,20 @@ def test_timesteps_log_is_written_with_its_schema(tmp_path):
     rows = [{"global_step": 0, "image_id": "a", "is_reg": False, "timestep": 17}]
     write_timesteps(rows, tmp_path / "logs" / "timesteps.parquet")
     assert read_table(tmp_path / "logs" / "timesteps.parquet") == rows
+
+
+def test_the_loss_curve_png_is_deterministic(tmp_path):
+    from PIL import Image
+
+    from pipeline.monitor import draw_loss_curve
+
+    losses = [1.2, 1.1, 1.15, 0.9, 0.95, 0.8]
+    first = draw_loss_curve(losses, [(3, 1.0), (6, 0.85)], tmp_path / "a.png")
+    second = draw_loss_curve(losses, [(3, 1.0), (6, 0.85)], tmp_path / "b.png")
+    assert first.read_bytes() == second.read_bytes()
+    with Image.open(first) as image:
+        assert image.size == (640, 360)
+        blue = sum(1 for pixel in image.getdata() if pixel == (31, 119, 180))
+        orange = sum(1 for pixel in image.getdata() if pixel == (255, 127, 14))
+    assert blue > 100 and orange > 10  # the curve and the validation points are drawn
+    assert draw_loss_curve(losses[:3], [], tmp_path / "c.png").read_bytes() != first.read_bytes()

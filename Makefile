@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow test-all venv clean-demo
+.PHONY: demo test test-slow test-all reproduce venv clean-demo
 
 venv: $(VENV)/.installed
 
@@ -42,6 +42,12 @@ test-slow: venv
 # Both at once.
 test-all: venv
 	KILN_SLOW=1 $(PYTEST) $(PYTEST_ARGS)
+
+# CI-reproduced experiment: run the committed graph from this checkout (demo data, tiny-sd15, CPU), then
+# compare every output hash with the committed dvc.lock and metrics.json with the committed baseline,
+# and write reports/experiment.md (metrics with deltas, loss curve, samples). Fails if anything differs.
+reproduce: demo
+	$(BIN)/kiln report --out reports/experiment.md
 
 clean-demo:
 	rm -rf data/scan data/bucket

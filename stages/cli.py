@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import balance, bucket, cache, caption, demo_data, params, scan, tag, train
+from stages import balance, bucket, cache, caption, demo_data, params, report, scan, tag, train
 
 app = typer.Typer(
     name="kiln",
@@ -23,6 +23,7 @@ app.command("cache")(cache.main)
 app.command("balance")(balance.main)
 app.command("train")(train.main)
 app.command("params")(params.main)
+app.command("report")(report.main)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def test_lora_smoke_keys_metadata_and_loss(sd15, tmp_path):
     loss_plot = (tmp_path / "kiln" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
     assert loss_plot[0] == "step\tloss" and len(loss_plot) == 5
     assert float(loss_plot[-1].split("\t")[1]) == pytest.approx(result.losses[-1])
-    assert list((tmp_path / "kiln" / "logs").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "kiln" / "logs").glob("run-*/events.out.tfevents.*"))  # one folder per run
 
 
 def test_golden_loss_curve(sd15, tmp_path):

@@ -151,21 +151,34 @@ def prepare(entry: Entry, data_root: Path, interpolation: str, downsample: int) 
 class Encoder:
     """VAE encoding of prepared batches: (mean, std) per sample, with an fp32 retry for half-precision NaNs."""
 
-    def __init__(self, loaded: LoadedVAE, device: Any, vae_dtype: Any, store_dtype: Any):
+    def __init__(self, loaded: LoadedVAE, device: Any, vae_dtype: Any, store_dtype: Any, batch_size: int = 1):
         import torch
 
         self._torch = torch
         self.device, self.vae_dtype, self.store_dtype = torch.device(device), vae_dtype, store_dtype
+        self.batch_size = batch_size
         self.vae = loaded.vae.to(self.device)
         if vae_dtype != torch.float32:
             self.vae = self.vae.to(vae_dtype)
         self._fp32_vae: Any = None
-        self.nan_fallbacks = 0
+        self.nan_fallbacks = 0  # samples re-encoded in float32
 
     def _encode(self, vae: Any, pixels: Any, dtype: Any) -> tuple[Any, Any]:
-        with self._torch.inference_mode():
-            distribution = vae.encode(pixels.to(dtype)).latent_dist
-            return distribution.mean.float(), distribution.std.float()
+        # One batch shape always (self.batch_size): longer batches are cut to it, a short one is padded with
+        # zeros, so every sample goes through the same kernels whatever shares its batch, and a latent's
+        # bytes depend on its own image alone (an incremental store equals a fresh one).
+        torch = self._torch
+        means, stds = [], []
+        for start in range(0, pixels.shape[0], self.batch_size):
+            chunk = pixels[start : start + self.batch_size]
+            count = chunk.shape[0]
+            if count < self.batch_size:
+                chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - count, *chunk.shape[1:]))])
+            with torch.inference_mode():
+                distribution = vae.encode(chunk.to(dtype)).latent_dist
+                means.append(distribution.mean[:count].float())
+                stds.append(distribution.std[:count].float())
+        return torch.cat(means), torch.cat(stds)
 
     def __call__(self, batch: list[Prepared]) -> list[dict[str, Any]]:
         torch = self._torch
@@ -174,14 +187,17 @@ class Encoder:
             # Pinned memory lets the copy overlap with the previous batch's work.
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         mean, std = self._encode(self.vae, pixels, self.vae_dtype)
-        if self.vae_dtype != torch.float32 and not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
-            # Half-precision VAEs (SDXL's above all) can overflow; redo this batch in fp32 and count it.
-            self.nan_fallbacks += 1
+        broken = ~(torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(std).flatten(1).all(1))
+        if self.vae_dtype != torch.float32 and broken.any():
+            # Half-precision VAEs (SDXL's above all) can overflow: those samples alone are redone in fp32
+            # (the others keep their bits), and counted.
+            self.nan_fallbacks += int(broken.sum())
             if self._fp32_vae is None:
                 import copy
 
                 self._fp32_vae = copy.deepcopy(self.vae).to(torch.float32)
-            mean, std = self._encode(self._fp32_vae, pixels, torch.float32)
+            mean, std = mean.clone(), std.clone()  # inference tensors cannot be written in place
+            mean[broken], std[broken] = self._encode(self._fp32_vae, pixels[broken], torch.float32)
         if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
             raise FloatingPointError("the VAE returned NaN or inf even in float32")
         mean, std = mean.to(self.store_dtype).cpu(), std.to(self.store_dtype).cpu()
@@ -192,6 +208,12 @@ class Encoder:
                 tensors["mask"] = torch.from_numpy(item.mask).to(self.store_dtype)
             outputs.append(tensors)
         return outputs
+
+
+def encode_batch_shape(cfg: CacheParams, device: Any) -> int:
+    """The one batch shape every VAE call uses: cache.batch_size on a GPU, where batching pays; 1 on the
+    CPU, where one image at a time is also the fastest (tiny VAE at 512 px: 14 images/s against 8 at 8)."""
+    return cfg.batch_size if str(device).startswith("cuda") else 1
 
 
 def _meta(entry: Entry, tensors: dict[str, Any], store_dtype: str) -> dict[str, Any]:
@@ -312,7 +334,7 @@ def run(
         written: dict[str, dict[str, Any]] = {}
         if mine:
             loaded = source.load()
-            encoder = Encoder(loaded, device, vae_dtype, store_dtype)
+            encoder = Encoder(loaded, device, vae_dtype, store_dtype, encode_batch_shape(cfg, device))
             written = encode_entries(mine, encoder, store, cfg, paths.data_root, interpolation, loaded.downsample, result)
             result.nan_fallbacks = encoder.nan_fallbacks
         state.wait_for_everyone()

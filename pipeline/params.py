@@ -412,7 +412,8 @@ class CacheParams(Section):
     """Store each image's mask (a mask file, else its alpha channel) at latent size, for masked training."""
 
     batch_size: int = Field(8, ge=1)
-    """Images per VAE call; a batch always holds one bucket."""
+    """Images per VAE call on a GPU (a short batch is padded, so a latent's bits never depend on its
+    neighbours); a batch always holds one bucket. On the CPU images are encoded one at a time."""
 
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""

@@ -173,8 +173,7 @@ def test_rebuild_from_scratch_is_byte_identical_and_gc_packs_as_a_fresh_build(pr
     project.cache()
     assert store_bytes(project.paths.store) == first
     fresh_layout = {key: row["shard"] for key, row in project.index().items()}
-    # Incremental history packs shards differently; --gc repacks them as a fresh build would. (The
-    # late image's bits may differ by an fp16 step: it was encoded in a batch of one, not of eight.)
+    # Incremental history packs shards differently; --gc repacks them as a fresh build would.
     shutil.move(project.raw / "reg/1_shape/shape_08.png", tmp_path / "shape_08.png")
     project.prepare()
     shutil.rmtree(project.paths.store)
@@ -184,10 +183,9 @@ def test_rebuild_from_scratch_is_byte_identical_and_gc_packs_as_a_fresh_build(pr
     assert project.cache().encoded == 1
     assert {key: row["shard"] for key, row in project.index().items()} != fresh_layout
     project.cache(gc=True)
-    assert {key: row["shard"] for key, row in project.index().items()} == fresh_layout
-    assert sorted(p.name for p in project.store.shard_files()) == sorted(
-        name.split("/")[1] for name in first if name.endswith(".tar")
-    )
+    # The late image was encoded in a batch of its own, padded to the same shape: the same bits as in
+    # the fresh build, so after --gc every file of the store is byte-identical to the fresh one.
+    assert store_bytes(project.paths.store) == first
 
 
 def test_a_corrupt_shard_is_detected_named_and_repaired(project, caplog):
@@ -341,10 +339,10 @@ def test_half_precision_nan_batch_is_reencoded_in_fp32():
                 mean = mean + float("inf")
             return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, std=torch.ones_like(mean)))
 
-    encoder = Encoder(LoadedVAE(HalfOverflowVAE(), "x", "stub"), "cpu", torch.bfloat16, torch.float16)
+    encoder = Encoder(LoadedVAE(HalfOverflowVAE(), "x", "stub"), "cpu", torch.bfloat16, torch.float16, batch_size=4)
     batch = [Prepared(None, np.full((3, 16, 16), 0.5, np.float32), None) for _ in range(2)]
     outputs = encoder(batch)
-    assert encoder.nan_fallbacks == 1
+    assert encoder.nan_fallbacks == 2  # both samples overflowed; each was redone in float32
     assert torch.equal(outputs[0]["mean"], torch.full((4, 2, 2), 0.5, dtype=torch.float16))
 
 
@@ -358,3 +356,19 @@ def test_a_rerun_with_nothing_to_encode_never_loads_the_vae(project, monkeypatch
 
     monkeypatch.setattr(VAESource, "load", refuse)
     assert project.cache().reused == 23
+
+
+def test_a_latent_does_not_depend_on_its_batch_neighbours():
+    from pipeline.cache import Encoder, Prepared
+
+    loaded = load_vae("tiny-sd15", "model.base")
+    # At 256 px the CPU kernels picked for a batch of 1 and a batch of 4 round differently (measured here:
+    # every latent differed without the fixed batch shape).
+    encoder = Encoder(loaded, "cpu", torch.float32, torch.float16, batch_size=4)
+    rng = np.random.default_rng(0)
+    images = [Prepared(None, rng.uniform(-1, 1, (3, 256, 256)).astype(np.float32), None) for _ in range(4)]
+    alone = encoder(images[:1])[0]
+    together = encoder(images)[0]
+    shuffled = encoder([images[2], images[0], images[3]])[1]
+    for other in (together, shuffled):
+        assert torch.equal(other["mean"], alone["mean"]) and torch.equal(other["std"], alone["std"])

@@ -136,3 +136,34 @@ def test_experiment_with_set_param_as_readme_shows(project: Path):
     assert ran(output) == {"bucket", "cache", "balance", "train"}
     shown = dvc(project, "exp", "show", "--no-pager", "--csv")
     assert "[1024, 768]" in shown
+
+
+def test_ctrl_c_in_dvc_repro_then_dvc_repro_finishes_the_run(project: Path):
+    # Ctrl-C reaches the whole foreground process group: DVC and the trainer it runs. The trainer saves
+    # its checkpoint; the next `dvc repro` reruns train, which continues its own run, and the lock is then
+    # complete: no `dvc commit`, no start from scratch.
+    import signal
+
+    set_param(project, "train", "max_train_steps", 40)
+    set_param(project, "train", "network_dim", 4)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    process = subprocess.Popen(
+        [str(BIN / "dvc"), "repro"], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "train: ready" in line:
+            break
+    assert any("train: ready" in line for line in lines), "".join(lines)[-3000:]
+    os.killpg(process.pid, signal.SIGINT)
+    rest, _ = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "Continue with `kiln train` or `dvc repro`" in "".join(lines) + rest
+    again = dvc(project, "repro")
+    assert ran(again) == {"train"}
+    assert "resumedfrom" in "".join(again.split())  # the log wraps long lines
+    assert "train: 40 steps" in again
+    status = dvc(project, "status")
+    assert "Data and pipelines are up to date" in status, status

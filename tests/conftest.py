@@ -3,10 +3,13 @@ demo project, and the settings the trainer tests use."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
+import signal
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -169,3 +172,22 @@ def unet_output(pipeline: object) -> torch.Tensor:
     with torch.no_grad():
         states = pipeline.text_encoder(tokens)[0]
         return pipeline.unet(latents, torch.tensor([500]), encoder_hidden_states=states).sample
+
+
+@contextlib.contextmanager
+def sigterm_during_step(step: int) -> Iterator[None]:
+    """Within the block, the trainer receives SIGTERM while it runs optimizer step `step` (1-based)."""
+    import pipeline.train as train
+
+    real_micro_step = train.micro_step
+
+    def terminated(t, batch, global_step):
+        if global_step == step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_micro_step(t, batch, global_step)
+
+    train.micro_step = terminated
+    try:
+        yield
+    finally:
+        train.micro_step = real_micro_step

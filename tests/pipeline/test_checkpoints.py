@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.train import run
-from tests.conftest import params_for, train_paths
+from tests.conftest import params_for, sigterm_during_step, train_paths
 
 
 def test_resume_gives_identical_weights(sd15, tmp_path):
@@ -140,13 +140,10 @@ def test_restore_refuses_another_seed(tmp_path):
     assert torch.equal(param.detach(), torch.full((2,), 3.0))
 
 
-def test_runs_do_not_hijack_each_other(sd15, tmp_path, monkeypatch):
+def test_runs_do_not_hijack_each_other(sd15, tmp_path):
     # Run A trains to the end; run B (another learning rate) in the same folder is stopped at step 3.
     # B's pruning leaves A's checkpoints; B continues its own interrupt, not A's later step.
-    import os
-    import signal
 
-    import pipeline.train as train
     from pipeline.checkpoints import checkpoints
     from pipeline.errors import KilnError
     from pipeline.train import Interrupted
@@ -159,17 +156,8 @@ def test_runs_do_not_hijack_each_other(sd15, tmp_path, monkeypatch):
     folder = tmp_path / "kiln" / "checkpoints"
     assert [path.name for path in checkpoints(folder)] == ["step-00000004", "step-00000006"]
 
-    real_micro_step = train.micro_step
-
-    def stopped_at_step_3(t, batch, global_step):
-        if global_step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_micro_step(t, batch, global_step)
-
-    monkeypatch.setattr(train, "micro_step", stopped_at_step_3)
-    with pytest.raises(Interrupted):
+    with sigterm_during_step(3), pytest.raises(Interrupted):
         run(run_b, paths, resume="auto")  # A's checkpoints are not B's: a fresh start
-    monkeypatch.setattr(train, "micro_step", real_micro_step)
     assert [path.name for path in checkpoints(folder)] == ["step-00000002", "interrupted", "step-00000004", "step-00000006"]
     b = run(run_b, paths, resume="auto")
     assert len(b.losses) == 3  # steps 4 to 6, from B's own interrupt at step 3

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from pipeline.checkpoints import checkpoints
 from pipeline.interrupts import stop_on_signals
 from pipeline.train import Interrupted, run
-from tests.conftest import params_for, train_paths
+from tests.conftest import params_for, sigterm_during_step, train_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,24 +33,15 @@ def test_signals_only_set_the_request_and_the_old_handlers_come_back():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_a_stop_saves_a_checkpoint_that_resumes_exactly(sd15, tmp_path, monkeypatch):
+def test_a_stop_saves_a_checkpoint_that_resumes_exactly(sd15, tmp_path):
     # In-process: a SIGTERM arrives during step 3 (the optimizer stepping); the step finishes, a checkpoint
     # is saved, and the resumed run ends with the weights of a run that was never stopped.
-    import pipeline.train as train
 
     project, plan = sd15
     straight = run(params_for("tiny-sd15", max_train_steps=5), train_paths(project, plan, tmp_path / "a"))
-    real_micro_step = train.micro_step
-
-    def terminated_at_step_3(t, batch, global_step):
-        if global_step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_micro_step(t, batch, global_step)
-
-    monkeypatch.setattr(train, "micro_step", terminated_at_step_3)
-    with pytest.raises(Interrupted, match=r"SIGTERM: stopped at step 3; saved .*interrupted\. Continue with `kiln train` or `dvc repro`"):
+    expected = r"SIGTERM: stopped at step 3; saved .*interrupted\. Continue with `kiln train` or `dvc repro`"
+    with sigterm_during_step(3), pytest.raises(Interrupted, match=expected):
         run(params_for("tiny-sd15", max_train_steps=5), train_paths(project, plan, tmp_path / "b"))
-    monkeypatch.setattr(train, "micro_step", real_micro_step)
     saved = checkpoints(tmp_path / "b" / "kiln" / "checkpoints")
     assert [path.name for path in saved] == ["interrupted"]
     assert json.loads((saved[0] / "state.json").read_text())["global_step"] == 3

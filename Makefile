@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# data/raw is tracked by DVC (data/raw.dvc), so queued experiments and other clones get it from DVC.
 demo: venv
 	$(BIN)/kiln demo-data
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc add --quiet data/raw
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # pytest exits 5 when it collected no test: that is a failure, never a pass.

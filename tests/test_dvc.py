@@ -167,3 +167,39 @@ def test_ctrl_c_in_dvc_repro_then_dvc_repro_finishes_the_run(project: Path):
     assert "train: 40 steps" in again
     status = dvc(project, "status")
     assert "Data and pipelines are up to date" in status, status
+
+
+GIT = ["git", "-c", "user.name=Kiln test", "-c", "user.email=test@kiln.invalid"]
+
+
+def commit_all(project: Path, message: str) -> None:
+    subprocess.run([*GIT, "add", "-A"], cwd=project, check=True)
+    subprocess.run([*GIT, "commit", "-qm", message], cwd=project, check=True)
+
+
+def test_a_queued_sweep_reuses_every_store_and_reruns_only_train(project: Path):
+    # data/raw is DVC-tracked and the stores are in DVC's cache, so each queued experiment's workspace
+    # gets them checked out: no scan, caption, tag or cache work, no latent encoded.
+    dvc(project, "add", "data/raw")
+    dvc(project, "repro")
+    commit_all(project, "baseline")
+    dvc(project, "exp", "run", "--queue", "-S", "train.learning_rate=1e-4,5e-5,2e-5")
+    output = dvc(project, "exp", "run", "--run-all")
+    stages = [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+    assert stages == ["train"] * 3, output[-3000:]
+    shown = dvc(project, "exp", "show", "--no-pager", "--csv")
+    assert shown.count(",Success,") == 3, shown
+
+
+def test_push_then_pull_on_a_fresh_clone_reruns_nothing(project: Path, tmp_path: Path):
+    dvc(project, "add", "data/raw")
+    dvc(project, "repro")
+    dvc(project, "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    commit_all(project, "baseline")
+    dvc(project, "push")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
+    dvc(clone, "pull")
+    output = dvc(clone, "repro")
+    assert ran(output) == set(), output[-3000:]
+    assert "Data and pipelines are up to date" in output

@@ -183,7 +183,7 @@ def test_a_queued_sweep_reuses_every_store_and_reruns_only_train(project: Path):
     dvc(project, "add", "data/raw")
     dvc(project, "repro")
     commit_all(project, "baseline")
-    dvc(project, "exp", "run", "--queue", "-S", "train.learning_rate=1e-4,5e-5,2e-5")
+    dvc(project, "exp", "run", "--queue", "-S", "train.learning_rate=5e-4,5e-5,2e-5")
     output = dvc(project, "exp", "run", "--run-all")
     stages = [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
     assert stages == ["train"] * 3, output[-3000:]

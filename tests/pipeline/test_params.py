@@ -153,7 +153,11 @@ def test_every_readme_params_example_validates():
     yaml_blocks = readme_blocks("yaml")
     assert len(overrides) >= 4 and len(yaml_blocks) >= 2
     for override in overrides:
-        load_params(ROOT / "params.yaml", [override.strip("'\"")])
+        key, _, value = override.strip("'\"").partition("=")
+        # A bare comma is a DVC sweep (`-S 'train.learning_rate=5e-4,5e-5'`): each value must validate.
+        values = value.split(",") if "," in value and not value.startswith("[") else [value]
+        for one in values:
+            load_params(ROOT / "params.yaml", [f"{key}={one}"])
     for block in yaml_blocks:
         validate_params(yaml.safe_load(block), source="README.md")
 

@@ -20,8 +20,9 @@ def main(
         str,
         typer.Option(
             help="auto: continue this run's newest checkpoint if it has one (what `dvc repro` does after a Ctrl-C), "
-            "else start fresh; latest: the same, but an error without one; none: always start fresh; or a checkpoint "
-            "folder. A checkpoint of another run (other params, plan or code) is refused, naming what differs."
+            "else start fresh; latest: the same, but an error naming what differs when only other runs' (other params, "
+            "plan or code) are there; none: always start fresh; or a checkpoint folder, taken even from another run "
+            "(to train on for longer) with a warning naming what differs."
         ),
     ] = "auto",
     plan: Annotated[Path, typer.Option(help="The balance stage's plan.")] = Path("data/plan/plan.parquet"),

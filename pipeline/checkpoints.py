@@ -108,11 +108,6 @@ def _prune(root: Path, saved: str, keep_last: int, run_id: str | None, global_st
         shutil.rmtree(old)
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    found = checkpoints(root)
-    return found[-1] if found else None
-
-
 def load_checkpoint(folder: Path, params: list[torch.nn.Parameter], optimizer: Any, scheduler: Any) -> dict[str, Any]:
     if not (folder / "state.json").is_file():
         raise KilnError(f"{folder}: not a Kiln checkpoint (no state.json)")
@@ -205,11 +200,8 @@ class Checkpointer:
 
     def finish(self, global_step: int) -> None:
         """The run completed: its `interrupted` checkpoint is superseded by the outputs."""
-        if not self.is_main:
-            return
-        for path in run_checkpoints(self.root, self.run):
-            if path.name in PROTECTED and _step_of(path) <= global_step:
-                shutil.rmtree(path)
+        if self.is_main and self.root.is_dir():
+            _prune(self.root, "finished", self.keep_last, self.run.id, global_step)
 
     def restore(self, source: Path, seed: int) -> int:
         """Load `source` into this run; returns its global_step. The seed must match (it fixes every draw)."""

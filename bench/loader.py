@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pipeline.balance import PLAN_SCHEMA  # noqa: E402
-from pipeline.latents import LatentStore, Sample, pack  # noqa: E402
+from pipeline.latents import LatentStore, Sample, layout  # noqa: E402
 from pipeline.loader import LatentLoader  # noqa: E402
 from pipeline.params import TrainParams  # noqa: E402
 from pipeline.tables import write_table  # noqa: E402
@@ -42,7 +42,7 @@ def build_store(root: Path, count: int) -> Path:
             "target_size": [512, 512],
         }
         samples.append(Sample(key, tensors, meta))
-    for start, stop in pack([1] * count, 1000, 1 << 40):
+    for start, stop in layout([sample.cache_key for sample in samples], [1] * count, 1000, 1 << 40):
         rows.update(store.write_shard("512x512", samples[start:stop]))
     store.write_index(rows)
     plan = [

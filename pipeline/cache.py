@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 
 from pipeline.errors import KilnError
 from pipeline.inference import cache_key, chunks, load_rgb_and_alpha, run_batched
-from pipeline.latents import LatentStore, Sample
+from pipeline.latents import LatentStore, Sample, ends_shard
 from pipeline.models import LoadedVAE, find_vae
 from pipeline.params import CacheParams
 from pipeline.tables import read_table, write_table
@@ -233,7 +233,8 @@ def _meta(entry: Entry, tensors: dict[str, Any], store_dtype: str) -> dict[str, 
 
 
 class ShardBuffer:
-    """Collects encoded samples per bucket and writes a shard when it is full, as pack() would cut it."""
+    """Collects encoded samples per bucket (in key order) and writes a shard where layout() cuts: a fresh
+    build writes its final shards directly, and settle() then has nothing to rewrite."""
 
     def __init__(self, store: LatentStore, max_count: int, max_bytes: int):
         self.store, self.max_count, self.max_bytes = store, max_count, max_bytes
@@ -250,7 +251,7 @@ class ShardBuffer:
         sample.raw = sample.payload()
         self.samples.append(sample)
         self.payload_bytes += size
-        if len(self.samples) >= self.max_count:
+        if len(self.samples) >= self.max_count or ends_shard(sample.cache_key, self.max_count):
             self.flush()
 
     def flush(self) -> None:
@@ -346,9 +347,10 @@ def run(
         result.reused = len(wanted & set(before))
         result.garbage = len(set(rows) - wanted)
         if gc:
-            rows = store.compact(rows, wanted, cfg.shard_max_count, cfg.shard_max_bytes)
+            rows = {key: row for key, row in rows.items() if key in wanted}
             result.collected, result.garbage = result.garbage, 0
-        store.write_index(rows)
+        # New samples join the shards a fresh build would put them in: the store's bytes depend on its keys.
+        store.settle(rows, cfg.shard_max_count, cfg.shard_max_bytes)
         keys = sorted(({"image_id": e.image["image_id"], "flip": e.flip, "cache_key": e.cache_key} for e in entries),
                       key=lambda row: (row["image_id"], row["flip"]))
         write_table(keys, KEYS_SCHEMA, paths.keys)

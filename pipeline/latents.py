@@ -59,7 +59,7 @@ INDEX_SCHEMA = pa.schema(
     ]
 )
 # data/latents/manifest.parquet: which latents the store holds and their content hashes, nothing about
-# where they lie. What balance and train depend on: compaction, repair or a rebuild move shards and
+# where they lie. What balance and train depend on: settling, repair or a rebuild move shards and
 # offsets (the index changes) but leave the manifest's bytes alone, so those stages do not rerun.
 MANIFEST_SCHEMA = pa.schema([("cache_key", pa.string()), ("sha256", pa.string())])
 # Index fields that describe the sample itself; the rest say where it lives. Stored in the .json member.
@@ -73,7 +73,7 @@ class Sample:
     cache_key: str
     tensors: dict[str, Any]  # name -> torch.Tensor
     meta: dict[str, Any]
-    raw: bytes | None = None  # already-serialised tensors, copied as they are (compaction)
+    raw: bytes | None = None  # already-serialised tensors, copied as they are (settling)
 
     def payload(self) -> bytes:
         return self.raw if self.raw is not None else save_tensors(self.tensors)
@@ -82,17 +82,39 @@ class Sample:
         return json.dumps({"cache_key": self.cache_key, **self.meta}, sort_keys=True).encode()
 
 
-def pack(sizes: list[int], max_count: int, max_bytes: int) -> list[tuple[int, int]]:
-    """Split consecutive items into (start, stop) runs of at most max_count items and max_bytes bytes."""
+# On average a shard ends after one key in max_count / SHARD_SPREAD, chosen by the key itself (below).
+SHARD_SPREAD = 4
+
+
+def ends_shard(cache_key: str, max_count: int) -> bool:
+    """Whether a shard ends after this key, decided by the key alone (content-defined cuts, as rsync and
+    restic chunk files): adding or removing one sample moves the cuts around it only, so an incrementally
+    built store can be laid out exactly as a fresh build by rewriting only the shards new samples join."""
+    spread = max(1, max_count // SHARD_SPREAD)
+    return int.from_bytes(hashlib.sha256(cache_key.encode()).digest()[:4], "big") * spread < 1 << 32
+
+
+def layout(keys: list[str], sizes: list[int], max_count: int, max_bytes: int) -> list[tuple[int, int]]:
+    """The shards of one group, as (start, stop) runs of its keys in sorted order: a run ends after a key
+    that ends_shard(), and is cut short at max_count samples or before max_bytes of payload. Every cut
+    depends only on the keys since the last content-defined one, so the layout of a key set is unique."""
     runs, start, used = [], 0, 0
-    for index, size in enumerate(sizes):
-        if index > start and (index - start >= max_count or used + size > max_bytes):
+    for index, (key, size) in enumerate(zip(keys, sizes, strict=True)):
+        if index > start and used + size > max_bytes:
             runs.append((start, index))
             start, used = index, 0
         used += size
-    if start < len(sizes):
-        runs.append((start, len(sizes)))
+        if index + 1 - start >= max_count or ends_shard(key, max_count):
+            runs.append((start, index + 1))
+            start, used = index + 1, 0
+    if start < len(keys):
+        runs.append((start, len(keys)))
     return runs
+
+
+def shard_name(group: str, keys: list[str]) -> str:
+    """A shard's path in the store, from the keys it holds in order."""
+    return f"{group}/shard-{hashlib.sha256(''.join(keys).encode()).hexdigest()[:16]}.tar"
 
 
 def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
@@ -202,10 +224,9 @@ class LatentStore:
 
     def write_shard(self, group: str, samples: list[Sample]) -> dict[str, dict[str, Any]]:
         """Write one shard (temporary name, fsync, rename); return its index rows by key."""
-        keys = [sample.cache_key for sample in samples]
-        name = f"shard-{hashlib.sha256(''.join(keys).encode()).hexdigest()[:16]}.tar"
-        rel = f"{group}/{name}"
+        rel = shard_name(group, [sample.cache_key for sample in samples])
         path = self.root / rel
+        name = path.name
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{name}.tmp")
         rows: dict[str, dict[str, Any]] = {}
@@ -332,23 +353,32 @@ class LatentStore:
             }
         return rows
 
-    def compact(self, rows: dict[str, dict[str, Any]], keep: set[str], max_count: int, max_bytes: int) -> dict[str, dict[str, Any]]:
-        """`kiln cache --gc`: rewrite the store with only the kept keys, packed as a fresh build would be."""
-        kept = {key: row for key, row in rows.items() if key in keep}
+    def settle(self, rows: dict[str, dict[str, Any]], max_count: int, max_bytes: int) -> dict[str, dict[str, Any]]:
+        """Lay the indexed samples out as a fresh build of the same keys would: a shard that already holds
+        exactly one run of layout() stays as it is; other runs are rewritten from their stored bytes (never
+        re-encoded). Then the index is written and shards it no longer names are deleted, so a store built
+        up over many runs, repaired or collected is byte-identical to one built at once."""
         by_group: dict[str, list[dict[str, Any]]] = {}
-        for key in sorted(kept):
-            by_group.setdefault(kept[key]["bucket"], []).append(kept[key])
-        new_rows: dict[str, dict[str, Any]] = {}
+        for key in sorted(rows):
+            by_group.setdefault(rows[key]["bucket"], []).append(rows[key])
+        settled: dict[str, dict[str, Any]] = {}
         for group, members in sorted(by_group.items()):
-            for start, stop in pack([row["size"] for row in members], max_count, max_bytes):
+            runs = layout([row["cache_key"] for row in members], [row["size"] for row in members], max_count, max_bytes)
+            for start, stop in runs:
+                run = members[start:stop]
+                # A shard's name hashes its keys in order: the same name is the same members, the same bytes.
+                name = shard_name(group, [row["cache_key"] for row in run])
+                if all(row["shard"] == name for row in run):
+                    settled.update((row["cache_key"], row) for row in run)
+                    continue
                 samples = [
                     Sample(row["cache_key"], {}, {name: row[name] for name in META_FIELDS if name != "cache_key"}, self.read_bytes(row))
-                    for row in members[start:stop]
+                    for row in run
                 ]
-                new_rows.update(self.write_shard(group, samples))
-        self.write_index(new_rows)
-        live = {row["shard"] for row in new_rows.values()}
+                settled.update(self.write_shard(group, samples))
+        self.write_index(settled)
+        live = {row["shard"] for row in settled.values()}
         for path in self.shard_files():
             if path.relative_to(self.root).as_posix() not in live:
                 path.unlink()
-        return new_rows
+        return settled

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from pipeline.tables import write_table
+from pipeline.tables import write_json, write_table
 
 # train.log_timesteps: every drawn timestep, with the image and step it was drawn for.
 TIMESTEPS_SCHEMA = pa.schema(
@@ -26,7 +26,6 @@ class RunLogger:
         """TensorBoard events go to `events` (default run_dir/logs); `fresh` clears it first, so a run
         redone from the start does not append a second curve to its old one."""
         self.enabled = enabled
-        self.last_step: int | None = None
         if not enabled:  # ranks other than the main process log nothing
             return
         import shutil
@@ -63,7 +62,6 @@ class RunLogger:
             if name in values:
                 self.live.log_metric(name, values[name])
         self.live.next_step()
-        self.last_step = step
 
     def histogram(self, step: int, name: str, values: torch.Tensor) -> None:
         if self.enabled and values.numel():
@@ -76,16 +74,13 @@ class RunLogger:
             self.tensorboard.add_image(name, np.asarray(image), step, dataformats="HWC")
 
     def finish(self, summary: dict[str, Any]) -> None:
+        """Close the logs and write metrics.json: the summary alone (what judges a run), not dvclive's copy
+        of the last logged loss, lr and step, so `dvc exp show` and `dvc metrics diff` stay narrow."""
         if not self.enabled:
             return
-        self.live.summary.update(summary)
-        if self.last_step is not None:
-            # dvclive's next_step() has moved on to the step after the last one logged; the summary's
-            # "step" is the last step trained.
-            self.live.step = self.last_step
-        self.live.make_summary()
         self.tensorboard.close()
         self.live.end()
+        write_json(summary, Path(self.live.metrics_file))
 
 
 def lora_block_magnitudes(model: Any) -> dict[str, float]:

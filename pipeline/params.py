@@ -422,7 +422,7 @@ class CacheParams(Section):
     """Threads that decode and crop images while the VAE runs; 0 uses every core."""
 
     shard_max_count: int = Field(1000, ge=1)
-    """Latents per shard, at most."""
+    """Latents per shard, at most; shards end after content-chosen keys, a quarter of this apart on average."""
 
     shard_max_bytes: int = Field(256 * 1024 * 1024, ge=1)
     """Bytes per shard, at most (a shard always holds at least one latent)."""

@@ -24,7 +24,7 @@ from stages.common import (
 def main(
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
-    gc: Annotated[bool, typer.Option("--gc", help="Compact the store: drop latents no current input uses.")] = False,
+    gc: Annotated[bool, typer.Option("--gc", help="Drop the latents no current input uses (the store is left as a fresh build would write it).")] = False,
     buckets: Annotated[Path, typer.Option(help="The bucket stage's table.")] = Path("data/bucket/buckets.parquet"),
     files: Annotated[Path, typer.Option(help="The scan stage's file table.")] = Path("data/scan/files.parquet"),
     data_root: DataRootOption = Path("data/raw"),

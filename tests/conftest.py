@@ -98,7 +98,7 @@ def scanned_demo(tmp_path_factory: pytest.TempPathFactory, demo_source: Path) ->
 
 # --- a project on disk: demo data scanned, bucketed and cached (shared by cache, balance, loader, train tests) ---
 BUCKETS = BucketParams(resolution=256, min_bucket_reso=128, max_bucket_reso=512)
-FAST = CacheParams(shard_max_count=4, workers=2)
+FAST = CacheParams(shard_max_count=8, workers=2)  # shards of 1 to 8 samples: the layout's cuts act
 
 
 class Project:

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def dvc(project: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+def dvc(project: Path, *args: str, columns: int = 200) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "COLUMNS": str(columns)}
     done = subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
@@ -181,6 +181,7 @@ def test_a_queued_sweep_reuses_every_store_and_reruns_only_train(project: Path):
     # data/raw is DVC-tracked and the stores are in DVC's cache, so each queued experiment's workspace
     # gets them checked out: no scan, caption, tag or cache work, no latent encoded.
     dvc(project, "add", "data/raw")
+    set_param(project, "train", "max_train_steps", 2)  # a second step, so the learning rate shows in the loss
     dvc(project, "repro")
     commit_all(project, "baseline")
     dvc(project, "exp", "run", "--queue", "-S", "train.learning_rate=5e-4,5e-5,2e-5")
@@ -189,6 +190,13 @@ def test_a_queued_sweep_reuses_every_store_and_reruns_only_train(project: Path):
     assert stages == ["train"] * 3, output[-3000:]
     shown = dvc(project, "exp", "show", "--no-pager", "--csv")
     assert shown.count(",Success,") == 3, shown
+    # What README advises: the three runs' losses and learning rates, legible in a 120-column terminal.
+    table = dvc(project, "exp", "show", "--no-pager", "--only-changed", columns=120)
+    lines = table.splitlines()
+    assert max(len(line) for line in lines) <= 120 and "…" not in lines[1], table
+    header = lines[1].split()
+    assert {"final_loss", "best_loss", "train.learning_rate"} <= set(header), table
+    assert all(any(value in line for line in lines) for value in ("0.0005", "5e-05", "2e-05")), table
 
 
 def test_push_then_pull_on_a_fresh_clone_reruns_nothing(project: Path, tmp_path: Path):

@@ -56,9 +56,9 @@ def test_throughput_counts_training_steps_only():
     assert dict(throughput.other_seconds) == {"samples": 31.0, "validation": 7.0}
 
 
-def test_the_trainer_times_steps_not_samples_and_writes_the_last_step(sd15, tmp_path, monkeypatch):
+def test_the_trainer_times_steps_not_samples(sd15, tmp_path, monkeypatch):
     # Every training step takes 1 s of the fake clock, every sample grid 100 s: images/s must be
-    # batch_size / 1 s, and metrics.json's step the last step trained.
+    # batch_size / 1 s, in perf.json, not in the judged metrics.
     import time
 
     import pipeline.train as train
@@ -84,19 +84,20 @@ def test_the_trainer_times_steps_not_samples_and_writes_the_last_step(sd15, tmp_
     result = run(settings, train_paths(project, plan, tmp_path))
     assert result.images_per_second == pytest.approx(2.0)
     metrics = json.loads((tmp_path / "kiln" / "metrics.json").read_text())
-    assert metrics["step"] == 4 and metrics["steps"] == 4 and "images_per_second" not in metrics
+    assert metrics["steps"] == 4 and "images_per_second" not in metrics
     perf = json.loads((tmp_path / "kiln" / "perf.json").read_text())  # throughput apart from the judged metrics
     assert perf["images_per_second"] == pytest.approx(2.0) and perf["seconds_outside_steps"]["samples"] == pytest.approx(400.0)
 
 
-def test_metrics_json_step_is_the_last_step_logged(tmp_path):
+def test_metrics_json_holds_the_summary_alone_and_the_plots_every_step(tmp_path):
     from pipeline.monitor import RunLogger
 
     logger = RunLogger(tmp_path / "run", True)
     for step in (1, 2, 3, 4):
         logger.scalars(step, {"loss": 1.0 / step, "lr": 1e-4})
-    logger.finish({"steps": 4})
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 4
+    logger.finish({"steps": 4, "final_loss": 0.25, "best_loss": 0.25})
+    # What `dvc exp show` lists: the judged metrics, not dvclive's copy of the last loss, lr and step.
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == {"steps": 4, "final_loss": 0.25, "best_loss": 0.25}
     assert (tmp_path / "run" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[-1] == "4\t0.25"
 
 

@@ -36,6 +36,12 @@ Output = TypeVar("Output")
 IDENTITY_SUFFIXES = {".safetensors", ".bin", ".onnx", ".json", ".txt", ".csv", ".model", ".pt", ".ckpt", ".msgpack"}
 
 
+def allow_pixels(max_pixels: int) -> None:
+    """The one decompression-bomb limit (scan.max_pixels) for every stage that opens images: scan
+    accepts an image only under it, and caption, tag and cache must open whatever scan accepted."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def load_rgb(path: Path) -> Image.Image:
     """Decode an image as a model sees it: first frame, EXIF orientation applied, alpha on white, RGB."""
     return load_rgb_and_alpha(path)[0]

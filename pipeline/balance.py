@@ -105,10 +105,10 @@ def compose_caption(caption: str, tags: list[str], class_tokens: str, cfg: Balan
     return ", ".join(kept) or (class_tokens or "")
 
 
-def _optional_table(path: Path | None) -> dict[str, dict[str, Any]]:
+def _optional_table(path: Path | None, written_by: str) -> dict[str, dict[str, Any]]:
     if path is None or not path.is_file():
         return {}
-    return {row["image_id"]: row for row in read_table(path)}
+    return {row["image_id"]: row for row in read_table(path, written_by)}
 
 
 def _steps(group_sizes: list[int], batch_size: int, remainder: str) -> int:
@@ -120,19 +120,28 @@ def build_plan(paths: BalancePaths, cfg: BalanceParams, train: TrainParams) -> B
     for table, stage in ((paths.images, "scan"), (paths.buckets, "bucket"), (paths.keys, "cache"), (paths.manifest, "cache")):
         if not table.is_file():
             raise KilnError(f"{table}: not found; run `kiln {stage}` first")
-    images = sorted(read_table(paths.images), key=lambda row: row["path"])
-    buckets = {row["image_id"]: row for row in read_table(paths.buckets)}
-    index = {row["cache_key"] for row in read_table(paths.manifest)}
-    keys: dict[tuple[str, bool], str] = {(row["image_id"], row["flip"]): row["cache_key"] for row in read_table(paths.keys)}
-    captions, tags = _optional_table(paths.captions), _optional_table(paths.tags)
+    images = sorted(read_table(paths.images, "scan"), key=lambda row: row["path"])
+    buckets = {row["image_id"]: row for row in read_table(paths.buckets, "bucket")}
+    index = {row["cache_key"] for row in read_table(paths.manifest, "cache")}
+    keys: dict[tuple[str, bool], str] = {
+        (row["image_id"], row["flip"]): row["cache_key"] for row in read_table(paths.keys, "cache")
+    }
+    captions, tags = _optional_table(paths.captions, "caption"), _optional_table(paths.tags, "tag")
     warnings: list[str] = []
 
     rows = []
     for image in images:
         image_id = image["image_id"]
         key = keys.get((image_id, False))
-        if key is None or key not in index or image_id not in buckets:
+        if key is None or image_id not in buckets:
             raise KilnError(f"{image['path']}: its latent is not in the cache; run `kiln cache`")
+        if key not in index:
+            # keys.parquet lists it, so `kiln cache` saw this image and stored no latent: it failed to
+            # encode it, and rerunning cache alone would fail again.
+            raise KilnError(
+                f"{image['path']}: `kiln cache` could not encode this image (it printed why); "
+                "fix or remove it, then rerun from `kiln scan`"
+            )
         flip_key = keys.get((image_id, True))
         caption = captions[image_id]["caption"] if image_id in captions else image["caption"]
         image_tags = list(dict.fromkeys([*image["yaml_tags"], *(tags[image_id]["tags"] if image_id in tags else [])]))

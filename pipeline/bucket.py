@@ -165,7 +165,7 @@ def run(cfg: BucketParams, paths: BucketPaths) -> BucketResult:
     The geometry table, not images.parquet: a caption edit changes images.parquet, never a bucket."""
     if not paths.files.is_file():
         raise KilnError(f"{paths.files}: not found; run `kiln scan` first")
-    images = read_table(paths.files)
+    images = read_table(paths.files, "scan")
     result = bucket_images(images, cfg)
     for message in result.over_error:
         log.warning(message)

@@ -116,7 +116,7 @@ def run(cfg: CaptionParams, paths: CaptionPaths, captioner_factory: Any = Captio
     """Write captions.parquet (every image: image_id, caption, source) and update the model cache."""
     if not paths.images.is_file():
         raise KilnError(f"{paths.images}: not found; run `kiln scan` first")
-    images = sorted(read_table(paths.images), key=lambda row: row["image_id"])
+    images = sorted(read_table(paths.images, "scan"), key=lambda row: row["image_id"])
     todo = [row for row in images if needs_model(row, cfg.mode)]
     result = CaptionResult(cache={})
     generated: dict[str, str] = {}

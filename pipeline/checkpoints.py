@@ -10,16 +10,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
+import re
 import secrets
 import shutil
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from pipeline.errors import KilnError
+from pipeline.models import refused_pickle
 from pipeline.weights import save_safetensors
 
 log = logging.getLogger(__name__)
@@ -50,13 +57,69 @@ class RunIdentity:
         return [f"{key}: {other.get(key)!r} -> {self.values.get(key)!r}" for key in keys if other.get(key) != self.values.get(key)]
 
 
+def _reason(exc: BaseException) -> str:
+    """An error in one line: its first sentence (torch's zip reader goes on for a paragraph)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{exc.__class__.__name__}: {re.split(r'(?<=[a-z)])[.] (?=[A-Z])', first)[0]}"
+
+
+def _read_state(folder: Path) -> dict[str, Any]:
+    """state.json, checked to hold what a restore needs; else a KilnError naming it."""
+    path = folder / "state.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8 or not JSON, as a truncated write leaves it
+        raise KilnError(f"{path}: damaged ({_reason(exc)})") from None
+    if not (isinstance(state, dict) and isinstance(state.get("global_step"), int) and "seed" in (state.get("loader") or {})):
+        raise KilnError(f"{path}: damaged (no global_step or loader seed)")
+    return state
+
+
 def _run_of(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / "state.json").read_text()).get("run", {})
+    return _read_state(folder).get("run", {})
 
 
 def run_checkpoints(root: Path, run: RunIdentity) -> list[Path]:
     """This run's complete checkpoints, oldest step first."""
-    return [path for path in checkpoints(root) if _run_of(path).get("id") == run.id]
+    return [path for path, state in _listing(root) if state.get("run", {}).get("id") == run.id]
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Any failure to read one of a checkpoint's files, as one line naming it."""
+    if not path.is_file():
+        raise KilnError(f"{path}: missing")
+    try:
+        yield
+    except pickle.UnpicklingError as exc:
+        raise KilnError(f"{path}: refused: it holds Python objects beyond tensors ({refused_pickle(exc)})") from None
+    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as exc:  # truncated, or another format
+        raise KilnError(f"{path}: damaged ({_reason(exc)})") from None
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    with _reading(path):
+        return load_file(str(path))
+
+
+def _torch_state(path: Path, mmap: bool = False) -> Any:
+    """An optimizer or scheduler state: plain tensors and numbers (weights_only), never arbitrary pickles."""
+    with _reading(path):
+        return torch.load(path, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+
+
+def check_checkpoint(folder: Path) -> dict[str, Any]:
+    """Its state, or a KilnError naming the first damaged or refused file. Cheap but real: every
+    safetensors header must cover its file, and the optimizer and scheduler states must unpickle as
+    tensors and numbers (memory-mapped: their tensor data is not read)."""
+    state = _read_state(folder)
+    names = {"weights.safetensors", "rng.safetensors"} | {path.name for path in folder.glob("*.safetensors")}
+    for name in sorted(names):
+        with _reading(folder / name), safe_open(str(folder / name), "pt") as handle:
+            handle.keys()
+    for name in ("optimizer.pt", "scheduler.pt"):
+        _torch_state(folder / name, mmap=True)
+    return state
 
 
 def save_checkpoint(
@@ -68,17 +131,25 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / name, root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_safetensors(_weights(params), tmp / "weights.safetensors")
-    for file_name, tensors in (extra_weights or {}).items():
-        save_safetensors(tensors, tmp / f"{file_name}.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_safetensors(rng, tmp / "rng.safetensors")
-    (tmp / "state.json").write_text(json.dumps(state, sort_keys=True, indent=2))
+    tensors = {"weights": _weights(params), **(extra_weights or {}), "rng": rng}
+    try:
+        tmp.mkdir()
+        for file_name, values in tensors.items():
+            save_safetensors(values, tmp / f"{file_name}.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps(state, sort_keys=True, indent=2))
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        # A full disk: OSError(ENOSPC), or from torch.save a RuntimeError ("enforce fail at
+        # inline_container.cc") that names no file. The partial folder goes; the earlier checkpoints stay.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KilnError(
+            f"{final}: cannot write this checkpoint ({_reason(exc)}); free disk space (or check the folder is "
+            "writable), then resume: the earlier checkpoints are kept"
+        ) from None
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -86,61 +157,99 @@ def save_checkpoint(
     return final
 
 
-def _step_of(folder: Path) -> int:
-    return json.loads((folder / "state.json").read_text())["global_step"]
+def _folders(root: Path) -> list[Path]:
+    """Folders that look like complete checkpoints: a state.json, and not a `.name.tmp` being written."""
+    if not root.is_dir():
+        return []
+    return [path for path in root.iterdir() if path.is_dir() and not path.name.startswith(".") and (path / "state.json").is_file()]
+
+
+_reported: set[Path] = set()  # checkpoints with an unreadable state.json, warned about once per process
+
+
+def _listing(root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(folder, state) of the complete checkpoints whose state.json can be trusted, oldest step first.
+
+    One whose state.json cannot be read is warned about and left on disk, neither resumed nor pruned:
+    its run is unknown, so it may be another run's (which a run never prunes), and its weights may still
+    be worth recovering by hand. Deleting it is the user's call."""
+    found = []
+    for path in _folders(root):
+        try:
+            found.append((path, _read_state(path)))
+        except KilnError as exc:
+            if path not in _reported:
+                _reported.add(path)
+                log.warning("%s; this checkpoint is never resumed or pruned: delete it", exc)
+    return sorted(found, key=lambda item: (item[1]["global_step"], item[0].name))
 
 
 def checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest step first."""
-    if not root.is_dir():
-        return []
-    found = [path for path in root.iterdir() if path.is_dir() and not path.name.startswith(".") and (path / "state.json").is_file()]
-    return sorted(found, key=lambda path: (_step_of(path), path.name))
+    """Complete checkpoints with a readable state.json, oldest step first."""
+    return [path for path, _ in _listing(root)]
 
 
 def _prune(root: Path, saved: str, keep_last: int, run_id: str | None, global_step: int) -> None:
     """Keep the last `keep_last` periodic checkpoints of the run that just saved; an `interrupted` one of
     that run is superseded by any later save of it. Other runs' checkpoints are left alone."""
-    mine = [path for path in checkpoints(root) if _run_of(path).get("id") == run_id]
-    periodic = [path for path in mine if path.name not in PROTECTED]
-    superseded = [path for path in mine if path.name in PROTECTED and saved not in PROTECTED and _step_of(path) <= global_step]
+    mine = [(path, state) for path, state in _listing(root) if state.get("run", {}).get("id") == run_id]
+    periodic = [path for path, _ in mine if path.name not in PROTECTED]
+    superseded = [
+        path for path, state in mine if path.name in PROTECTED and saved not in PROTECTED and state["global_step"] <= global_step
+    ]
     for old in periodic[:-keep_last] + superseded:
         shutil.rmtree(old)
 
 
 def load_checkpoint(folder: Path, params: list[torch.nn.Parameter], optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """Every file is read before anything is applied: a damaged or refused one leaves this run's state as it was."""
     if not (folder / "state.json").is_file():
         raise KilnError(f"{folder}: not a Kiln checkpoint (no state.json)")
-    weights = load_file(str(folder / "weights.safetensors"))
+    state = _read_state(folder)
+    weights = _tensors(folder / "weights.safetensors")
     if len(weights) != len(params):
         raise KilnError(f"{folder}: holds {len(weights)} tensors but this run trains {len(params)}; were the network params changed?")
+    optimizer_state = _torch_state(folder / "optimizer.pt")
+    scheduler_state = _torch_state(folder / "scheduler.pt")
+    rng = _tensors(folder / "rng.safetensors")
+    optimizer.load_state_dict(optimizer_state)  # first: it refuses another network's groups before a weight changes
+    scheduler.load_state_dict(scheduler_state)
     with torch.no_grad():
         for index, param in enumerate(params):
             param.copy_(weights[f"param_{index:05d}"])
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    rng = load_file(str(folder / "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[key] for key in sorted(k for k in rng if k.startswith("cuda_"))])
-    return json.loads((folder / "state.json").read_text())
+    return state
 
 
 def resume_source(root: Path, resume: str | None, run: RunIdentity) -> Path | None:
-    """What `--resume` names, checked to be this run's:
-    - `latest`: this run's newest checkpoint (an error if there is none);
+    """What `--resume` names, checked to be this run's and intact (check_checkpoint):
+    - `latest`: this run's newest valid checkpoint (an error if there is none at all); a damaged or refused
+      one is skipped with a warning naming its file, and when none is valid the run starts fresh, saying so;
     - `auto`: the same, or None (a fresh start) when this run has none, as under `dvc repro`;
-    - a checkpoint folder: that one; if another run wrote it (training on for more steps, say), a warning
-      names what differs;
+    - a checkpoint folder: that one, or an error naming its damaged file; if another run wrote it
+      (training on for more steps, say), a warning names what differs;
     - None or `none`: a fresh start.
     `latest` with only other runs' checkpoints is an error that names the keys that differ: never a silent resume."""
     if not resume or resume == "none":
         return None
     if resume in ("latest", "auto"):
         mine = run_checkpoints(root, run)
+        for source in reversed(mine):
+            try:
+                check_checkpoint(source)
+            except KilnError as exc:
+                log.warning("%s; skipping this checkpoint", exc)
+                continue
+            return source
         if mine:
-            return mine[-1]
+            log.warning("%s: none of this run's %d checkpoints can be resumed; starting fresh", root, len(mine))
+            return None
         others = checkpoints(root)
+        if not others and _folders(root):  # only checkpoints whose state.json is damaged, each warned about
+            log.warning("%s: no checkpoint can be resumed; starting fresh", root)
+            return None
         if resume == "auto":
             if others:
                 log.info("%s: no checkpoint of this run (%d of other runs); starting fresh", root, len(others))
@@ -152,6 +261,10 @@ def resume_source(root: Path, resume: str | None, run: RunIdentity) -> Path | No
         source = Path(resume)
         if not (source / "state.json").is_file():
             raise KilnError(f"--resume {resume}: not a Kiln checkpoint (no state.json)")
+        try:
+            check_checkpoint(source)
+        except KilnError as exc:
+            raise KilnError(f"{exc}; delete this checkpoint or resume another") from None
         if _run_of(source).get("id") != run.id:
             changed = run.differences(_run_of(source).get("values", {}))
             log.warning("%s belongs to another run (%s); continuing from it, as --resume names it", source, "; ".join(changed))

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline.errors import KilnError
 from pipeline.presets import PRESETS, preset_dir
-from pipeline.tables import read_table, write_table
+from pipeline.tables import DamagedTable, read_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,16 @@ Output = TypeVar("Output")
 IDENTITY_SUFFIXES = {".safetensors", ".bin", ".onnx", ".json", ".txt", ".csv", ".model", ".pt", ".ckpt", ".msgpack"}
 
 
-def allow_pixels(max_pixels: int) -> None:
-    """The one decompression-bomb limit (scan.max_pixels) for every stage that opens images: scan
-    accepts an image only under it, and caption, tag and cache must open whatever scan accepted."""
-    Image.MAX_IMAGE_PIXELS = max_pixels
+def read_model_cache(path: Path) -> dict[str, dict[str, Any]]:
+    """The model outputs cached so far by key; a damaged cache file is only lost work, so it is started
+    again (with a warning naming it) rather than stopping the stage."""
+    if not path.is_file():
+        return {}
+    try:
+        return {row["cache_key"]: row for row in read_table(path)}
+    except DamagedTable as exc:
+        log.warning("%s; its model outputs will be computed again", str(exc).rsplit("; rerun", 1)[0])
+        return {}
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -267,7 +273,7 @@ def run_cached(
     The model is built only when something is missing. The cache is written even when the run is
     interrupted, so no output already computed is lost; failed images are not cached and retry next run.
     """
-    cache = {row["cache_key"]: row for row in read_table(cache_path)} if cache_path.is_file() else {}
+    cache = read_model_cache(cache_path)
     missing = [row for row in rows if keys[row["image_id"]] not in cache]
     result = CachedRun(cache, from_cache=len(rows) - len(missing))
     if not missing:

@@ -82,16 +82,18 @@ class Sample:
         return json.dumps({"cache_key": self.cache_key, **self.meta}, sort_keys=True).encode()
 
 
-# On average a shard ends after one key in max_count / SHARD_SPREAD, chosen by the key itself (below).
-SHARD_SPREAD = 4
+# Content-defined cuts fall every SHARD_SPACING samples on average (1 MiB of SD1.5 latents at 512 px, 4 MiB
+# of SDXL's at 1024): the shard a new latent joins, which settle() rewrites, stays small. A quarter of
+# cache.shard_max_count when that is smaller, so the count cap rarely cuts.
+SHARD_SPACING = 16
 
 
 def ends_shard(cache_key: str, max_count: int) -> bool:
     """Whether a shard ends after this key, decided by the key alone (content-defined cuts, as rsync and
     restic chunk files): adding or removing one sample moves the cuts around it only, so an incrementally
     built store can be laid out exactly as a fresh build by rewriting only the shards new samples join."""
-    spread = max(1, max_count // SHARD_SPREAD)
-    return int.from_bytes(hashlib.sha256(cache_key.encode()).digest()[:4], "big") * spread < 1 << 32
+    spacing = max(1, min(SHARD_SPACING, max_count // 4))
+    return int.from_bytes(hashlib.sha256(cache_key.encode()).digest()[:4], "big") * spacing < 1 << 32
 
 
 def layout(keys: list[str], sizes: list[int], max_count: int, max_bytes: int) -> list[tuple[int, int]]:
@@ -133,6 +135,23 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _write_tar(handle: Any, samples: list[Sample], rel: str) -> dict[str, dict[str, Any]]:
+    """The shard's bytes, written to an open binary file; its index rows by key."""
+    rows: dict[str, dict[str, Any]] = {}
+    with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            payload = sample.payload()
+            # USTAR: a 512-byte header, then the data; our names fit in one header block.
+            offset = tar.offset + tarfile.BLOCKSIZE
+            tar.addfile(*_member(f"{sample.cache_key}.safetensors", payload))
+            tar.addfile(*_member(f"{sample.cache_key}.json", sample.meta_bytes()))
+            rows[sample.cache_key] = {
+                "cache_key": sample.cache_key, **sample.meta, "shard": rel, "offset": offset,
+                "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
+            }
+    return rows
+
+
 @dataclass
 class Verification:
     rows: dict[str, dict[str, Any]]
@@ -167,6 +186,12 @@ class LatentStore:
         # Open files do not travel to DataLoader workers; each worker opens its own.
         return {**self.__dict__, "_handles": {}}
 
+    def close(self) -> None:
+        """Close the shards a kept-open reader holds."""
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
     @property
     def index_path(self) -> Path:
         return self.root / "index.parquet"
@@ -182,7 +207,7 @@ class LatentStore:
     def load_index(self) -> dict[str, dict[str, Any]]:
         if not self.index_path.is_file():
             return {}
-        return {row["cache_key"]: row for row in read_table(self.index_path)}
+        return {row["cache_key"]: row for row in read_table(self.index_path, written_by="cache")}
 
     def write_index(self, rows: dict[str, dict[str, Any]]) -> None:
         """The index, and the manifest (cache_key, sha256) that stages downstream depend on."""
@@ -229,20 +254,9 @@ class LatentStore:
         name = path.name
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{name}.tmp")
-        rows: dict[str, dict[str, Any]] = {}
         try:
             with open(tmp, "wb") as handle:
-                with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                    for sample in samples:
-                        payload = sample.payload()
-                        # USTAR: a 512-byte header, then the data; our names fit in one header block.
-                        offset = tar.offset + tarfile.BLOCKSIZE
-                        tar.addfile(*_member(f"{sample.cache_key}.safetensors", payload))
-                        tar.addfile(*_member(f"{sample.cache_key}.json", sample.meta_bytes()))
-                        rows[sample.cache_key] = {
-                            "cache_key": sample.cache_key, **sample.meta, "shard": rel, "offset": offset,
-                            "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
-                        }
+                rows = _write_tar(handle, samples, rel)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
@@ -276,7 +290,7 @@ class LatentStore:
         return sorted(path for path in self.root.glob("*/*.tar") if path.is_file())
 
     def verify(self, rows: dict[str, dict[str, Any]]) -> Verification:
-        """Check every indexed sample's bytes; a damaged shard is dropped whole, named, and deleted."""
+        """Check every indexed shard (_check_shard); a damaged shard is dropped whole, named, and deleted."""
         by_shard: dict[str, list[dict[str, Any]]] = {}
         for row in rows.values():
             by_shard.setdefault(row["shard"], []).append(row)
@@ -295,15 +309,27 @@ class LatentStore:
 
     @staticmethod
     def _check_shard(path: Path, members: list[dict[str, Any]]) -> str | None:
+        """Why the shard is not exactly what its index rows say, or None. Beyond each payload's checksum,
+        a reader depends on every tar header and every .json member (webdataset silently stops at the
+        first bad header): the shard must equal, byte for byte, the tar that write_shard makes of its
+        indexed payloads and fields, so any damage outside the payloads is found too."""
         if not path.is_file():
             return "missing"
         data = path.read_bytes()
+        members = sorted(members, key=lambda member: member["offset"])
+        samples = []
         for member in members:
             chunk = data[member["offset"] : member["offset"] + member["size"]]
             if len(chunk) != member["size"]:
                 return "truncated"
             if hashlib.sha256(chunk).hexdigest() != member["sha256"]:
                 return f"checksum mismatch for {member['cache_key']}"
+            meta = {name: member[name] for name in META_FIELDS if name != "cache_key"}
+            samples.append(Sample(member["cache_key"], {}, meta, chunk))
+        expected = io.BytesIO()
+        _write_tar(expected, samples, members[0]["shard"])
+        if expected.getvalue() != data:
+            return "its tar headers or .json members do not match the index"
         return None
 
     def adopt_orphans(self, rows: dict[str, dict[str, Any]]) -> int:
@@ -361,6 +387,7 @@ class LatentStore:
         by_group: dict[str, list[dict[str, Any]]] = {}
         for key in sorted(rows):
             by_group.setdefault(rows[key]["bucket"], []).append(rows[key])
+        source = LatentStore(self.root, keep_open=True)  # a rewritten run's samples come from a few shards
         settled: dict[str, dict[str, Any]] = {}
         for group, members in sorted(by_group.items()):
             runs = layout([row["cache_key"] for row in members], [row["size"] for row in members], max_count, max_bytes)
@@ -372,10 +399,11 @@ class LatentStore:
                     settled.update((row["cache_key"], row) for row in run)
                     continue
                 samples = [
-                    Sample(row["cache_key"], {}, {name: row[name] for name in META_FIELDS if name != "cache_key"}, self.read_bytes(row))
+                    Sample(row["cache_key"], {}, {name: row[name] for name in META_FIELDS if name != "cache_key"}, source.read_bytes(row))
                     for row in run
                 ]
                 settled.update(self.write_shard(group, samples))
+        source.close()
         self.write_index(settled)
         live = {row["shard"] for row in settled.values()}
         for path in self.shard_files():

@@ -115,7 +115,13 @@ class LatentDataset(torch.utils.data.Dataset):
         flip_p = row["flip_p"] if row["flip_p"] is not None else cfg.flip_p
         flip = bool(rng.random() < flip_p)
         entry = self.index[row["flip_cache_key"] if flip else row["cache_key"]]
-        return self.sample(row_index, entry, load_tensors(self.store.read_bytes(entry)), rng)
+        try:
+            payload = self.store.read_bytes(entry)
+        except KilnError as exc:
+            # Raised in a DataLoader worker, it would reach the trainer rewrapped with the worker's traceback
+            # in its text; it travels as data instead, and the trainer raises it as the one line it is.
+            return {"error": str(exc)}
+        return self.sample(row_index, entry, load_tensors(payload), rng)
 
     def sample(self, row_index: int, entry: dict[str, Any], tensors: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         """One training sample from its stored tensors: latent draw, then caption processing."""
@@ -141,6 +147,9 @@ class LatentDataset(torch.utils.data.Dataset):
 
 def collate(samples: list[dict[str, Any]], minibatch_repeat: int = 1) -> dict[str, Any]:
     """Stack samples into a batch; with minibatch_repeat k, each sample appears k times in a row."""
+    errors = [sample["error"] for sample in samples if "error" in sample]
+    if errors:
+        return {"error": errors[0]}
     samples = [sample for sample in samples for _ in range(minibatch_repeat)]
     latents = torch.stack([sample["latents"] for sample in samples])
     masks = None
@@ -161,7 +170,7 @@ def collate(samples: list[dict[str, Any]], minibatch_repeat: int = 1) -> dict[st
 def trained_rows(plan: Path | list[dict[str, Any]], exclude: frozenset[str]) -> list[dict[str, Any]]:
     """The plan's rows (a plan.parquet path, or rows already read) minus `exclude`, the held-out
     (validation) image ids, in image_id order."""
-    rows = read_table(plan) if isinstance(plan, (str, Path)) else plan
+    rows = read_table(plan, "balance") if isinstance(plan, (str, Path)) else plan
     return sorted((row for row in rows if row["image_id"] not in exclude), key=lambda row: row["image_id"])
 
 
@@ -186,7 +195,7 @@ class LatentLoader(_EpochPosition):
     ):
         self.plan = trained_rows(plan, exclude)
         self.store, self.cfg, self.rank, self.world, self.logs_dir = store, cfg, rank, world, logs_dir
-        self.index = {row["cache_key"]: row for row in read_table(store / "index.parquet")}
+        self.index = {row["cache_key"]: row for row in read_table(store / "index.parquet", "cache")}
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.epoch, self.batch_index = 0, 0
         for row in self.plan:
@@ -235,6 +244,8 @@ class LatentLoader(_EpochPosition):
             pin_memory=self.pin_memory, persistent_workers=False,
         )
         for batch in loader:
+            if "error" in batch:
+                raise KilnError(batch["error"])
             self.batch_index += 1
             yield batch
         self.epoch, self.batch_index = self.epoch + 1, 0
@@ -254,7 +265,7 @@ class StreamingLatentLoader(_EpochPosition):
         world: int = 1, shuffle_buffer: int = 256, exclude: frozenset[str] = frozenset(),
     ):
         self.plan = trained_rows(plan, exclude)
-        self.index = {row["cache_key"]: row for row in read_table(index_path)}
+        self.index = {row["cache_key"]: row for row in read_table(index_path, "cache")}
         self.base_url, self.cfg, self.rank, self.world = base_url.rstrip("/"), cfg, rank, world
         self.shuffle_buffer, self.epoch, self.batch_index = shuffle_buffer, 0, 0
         self.row_of: dict[str, tuple[int, bool]] = {}

@@ -8,12 +8,39 @@ id that is cached or reachable, or a built-in `tiny-sd15` / `tiny-sdxl` preset.
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import KilnError
 from pipeline.inference import fingerprint, resolve_model
+
+
+def refused_pickle(exc: BaseException | None) -> str | None:
+    """What torch.load(weights_only=True) refused to unpickle (the global it names, e.g. `posix.system`) when
+    `exc`, or an error it wraps (diffusers re-raises load errors as OSError), is that refusal; else None.
+    torch's own message advises retrying with weights_only=False, which runs the pickle: never relay it."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, pickle.UnpicklingError):
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc)) or re.search(r"WeightsUnpickler error: ([^\n]+)", str(exc))
+            return found.group(1) if found else "not a plain tensor pickle"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def pickle_error(key: str, path: Path, exc: BaseException) -> KilnError | None:
+    """The one-line error for a model file holding pickled Python objects, or None for any other error."""
+    refused = refused_pickle(exc)
+    if refused is None:
+        return None
+    return KilnError(
+        f"{key}: {path} holds pickled Python objects ({refused}) that Kiln does not load; "
+        "convert it to .safetensors with a tool you trust"
+    )
 
 
 @dataclass
@@ -35,8 +62,9 @@ class VAESource:
                 vae = AutoencoderKL.from_single_file(str(self.path), **extra)
             else:
                 vae = AutoencoderKL.from_pretrained(self.path)
-        except (OSError, ValueError) as exc:
-            raise KilnError(f"{self.key}: cannot load a VAE from {self.path} ({exc.__class__.__name__}: {exc})") from None
+        except (OSError, ValueError, pickle.UnpicklingError) as exc:
+            error = pickle_error(self.key, self.path, exc)
+            raise error or KilnError(f"{self.key}: cannot load a VAE from {self.path} ({exc.__class__.__name__}: {exc})") from None
         return LoadedVAE(vae.eval().requires_grad_(False), self.fingerprint, self.name)
 
 

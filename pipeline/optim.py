@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from pipeline.errors import KilnError
+from pipeline.errors import KilnError, ParamsError
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor", "sgd", "adacoor")
@@ -51,29 +52,58 @@ def scaled_lr(lr: float, batch_size: int, grad_accum: int) -> float:
     return lr * (batch_size * grad_accum) ** 0.55
 
 
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The class of one of OPTIMIZERS; a KilnError when its package is not installed."""
+    if name == "adamw":
+        return torch.optim.AdamW
+    if name == "sgd":
+        return torch.optim.SGD
+    if name == "adacoor":
+        return AdaCoor
+    if name == "adafactor":
+        return _import("transformers.optimization", "Adafactor", "transformers")
+    if name == "adamw8bit":
+        return _import("bitsandbytes.optim", "AdamW8bit", "bitsandbytes")
+    if name == "lion":
+        return _import("lion_pytorch", "Lion", "lion-pytorch")
+    if name == "prodigy":
+        return _import("prodigyopt", "Prodigy", "prodigyopt")
+    raise KilnError(f"train.optimizer: unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def check_optimizer_args(optimizer: type, args: Mapping[str, Any]) -> None:
+    """Every key of train.optimizer_args must be a keyword of the optimizer's constructor; Kiln passes
+    the parameters and the learning rate itself."""
+    parameters = inspect.signature(optimizer).parameters
+    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return  # it takes any keyword: only its constructor can tell
+    keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    takes = [name for name, parameter in parameters.items() if parameter.kind in keywords and name not in ("params", "lr")]
+    for key in args:
+        if key == "lr" and "lr" in parameters:
+            raise ParamsError("train.optimizer_args.lr: the learning rate is train.learning_rate; set it there")
+        if key not in takes:
+            raise ParamsError(f"train.optimizer_args.{key}: not an argument of {optimizer.__name__}; it takes: {', '.join(takes)}")
+
+
 def build_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, args: dict[str, Any]) -> torch.optim.Optimizer:
     """One of OPTIMIZERS; `args` are passed through as keyword arguments (train.optimizer_args)."""
-    cuda = any(p.is_cuda for group in param_groups for p in group["params"])
-    if name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, **({"fused": True} if cuda else {}), **args)
-    if name == "sgd":
-        return torch.optim.SGD(param_groups, lr=lr, **args)
-    if name == "adacoor":
-        return AdaCoor(param_groups, **args)
+    if name == "adamw8bit" and not torch.cuda.is_available():
+        raise KilnError("train.optimizer: adamw8bit needs a CUDA GPU (bitsandbytes); use adamw on this machine")
+    optimizer = optimizer_class(name)
+    check_optimizer_args(optimizer, args)
+    settings: dict[str, Any] = {} if optimizer is AdaCoor else {"lr": lr}  # AdaCoor has no learning rate
+    if name == "adamw" and any(p.is_cuda for group in param_groups for p in group["params"]):
+        settings["fused"] = True
     if name == "adafactor":
-        from transformers.optimization import Adafactor
-
-        settings = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **args}
-        return Adafactor(param_groups, lr=lr, **settings)
-    if name == "adamw8bit":
-        if not torch.cuda.is_available():
-            raise KilnError("train.optimizer: adamw8bit needs a CUDA GPU (bitsandbytes); use adamw on this machine")
-        return _import("bitsandbytes.optim", "AdamW8bit", "bitsandbytes")(param_groups, lr=lr, **args)
-    if name == "lion":
-        return _import("lion_pytorch", "Lion", "lion-pytorch")(param_groups, lr=lr, **args)
-    if name == "prodigy":
-        return _import("prodigyopt", "Prodigy", "prodigyopt")(param_groups, lr=lr, **args)
-    raise KilnError(f"train.optimizer: unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+        settings.update(scale_parameter=False, relative_step=False, warmup_init=False)
+    try:
+        return optimizer(param_groups, **{**settings, **args})
+    except (TypeError, ValueError) as exc:
+        if not args:
+            raise
+        # A value the constructor refuses (eps: -1, betas: 0.9): name the key the user wrote.
+        raise ParamsError(f"train.optimizer_args: {optimizer.__name__} refused {args}: {exc}") from None
 
 
 def _import(module: str, attribute: str, package: str) -> Any:

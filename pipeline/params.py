@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import difflib
+import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
@@ -42,7 +43,54 @@ def recording_reads() -> Iterator[set[str]]:
         _READS.reset(token)
 
 
-class Section(BaseModel):
+# torch's and numpy's integers are 64-bit: a larger seed or count passes Python but overflows there.
+INT64_MESSAGE = "must lie between -2**63 and 2**63 - 1"
+FINITE_MESSAGE = "Input should be a finite number"  # pydantic's words for a typed float, used for any other
+# The largest batch_size any stage accepts: `fill` builds each batch up front, and no GPU holds a larger
+# Stable Diffusion batch.
+MAX_BATCH_SIZE = 4096
+
+
+def _out_of_range(value: Any) -> str | None:
+    """Why `value` (or a number inside it) cannot reach training intact, or None.
+
+    Depth first without recursion, each container once: YAML aliases can share one list many times
+    over (a "billion laughs") or put a list inside itself, which no JSON dump of the params survives."""
+    stack, ancestors, done = [(value, False)], set(), set()
+    while stack:
+        item, leaving = stack.pop()
+        if leaving:
+            ancestors.discard(id(item))
+            done.add(id(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            return FINITE_MESSAGE
+        elif isinstance(item, int) and not isinstance(item, bool) and not -(2**63) <= item < 2**63:
+            return INT64_MESSAGE
+        elif isinstance(item, (list, tuple, dict)) and id(item) not in done:
+            if id(item) in ancestors:
+                return "must not contain itself"
+            ancestors.add(id(item))
+            stack.append((item, True))
+            stack.extend((child, False) for child in (item.values() if isinstance(item, dict) else item))
+    return None
+
+
+class CheckedModel(BaseModel):
+    """Every float in it is finite and every integer 64-bit: nan, inf and huge numbers pass pydantic's
+    bounds (inf > 0) but poison or crash training."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        problem = _out_of_range(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+class Section(CheckedModel):
     """A params.yaml section: unknown keys are errors, and every field's docstring is its help text."""
 
     SECTION: ClassVar[str] = ""
@@ -263,7 +311,7 @@ class BucketParams(Section):
 class InferenceParams(Section):
     """Settings shared by the stages that run a model over every image (caption, tag)."""
 
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE)
     """Images per model call. A batch that fails is retried image by image."""
 
     device: str = "auto"
@@ -286,7 +334,7 @@ class InferenceParams(Section):
         return value
 
 
-class Replacement(BaseModel):
+class Replacement(CheckedModel):
     """One regex replacement applied to every caption, in list order."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
@@ -411,7 +459,7 @@ class CacheParams(Section):
     masks: bool = True
     """Store each image's mask (a mask file, else its alpha channel) at latent size, for masked training."""
 
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE)
     """Images per VAE call on a GPU (a short batch is padded, so a latent's bits never depend on its
     neighbours); a batch always holds one bucket. On the CPU images are encoded one at a time."""
 
@@ -471,7 +519,7 @@ class BalanceParams(Section):
         return value
 
 
-class SamplePrompt(BaseModel):
+class SamplePrompt(CheckedModel):
     """One sample image drawn during training."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
@@ -525,7 +573,7 @@ class TrainParams(Section):
     learning_rate: float = Field(1e-4, gt=0, validation_alias=_aliases("learning_rate", "lr"))
     """Peak learning rate (kohya `learning_rate`; EveryDream2's `lr` is accepted as an alias)."""
 
-    batch_size: int = Field(1, ge=1, validation_alias=_aliases("batch_size", "train_batch_size"))
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH_SIZE, validation_alias=_aliases("batch_size", "train_batch_size"))
     """Images per optimizer micro-step; every batch comes from one bucket (kohya `train_batch_size`)."""
 
     seed: int = Field(42, ge=-1)
@@ -635,6 +683,10 @@ class TrainParams(Section):
 
     clip_grad_norm: float | None = Field(1.0, gt=0, validation_alias=_aliases("clip_grad_norm", "max_grad_norm"))
     """Clip the gradient norm to this (kohya `max_grad_norm`); null turns clipping off."""
+
+    max_nonfinite_steps: int = Field(5, ge=1)
+    """Steps in a row whose loss is NaN or inf before training stops with an error (each one is skipped:
+    no weights change, and it is counted); the last checkpoint is kept."""
 
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Autocast precision through accelerate."""
@@ -853,6 +905,14 @@ class TrainParams(Section):
     log_step: int = Field(10, ge=1)
     """Write TensorBoard and dvclive logs every this many steps (EveryDream2 `log_step`)."""
 
+    @field_validator("output_name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        # It becomes models/<output_name>/<output_name>.safetensors: a path in it would write elsewhere.
+        if not value or value.startswith(".") or any(char in value for char in "/\\\0"):
+            raise ValueError("must be a plain folder name: not empty, no / or \\, not starting with '.'")
+        return value
+
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no(cls, value: Any) -> Any:
@@ -863,7 +923,7 @@ class TrainParams(Section):
     @classmethod
     def _fourier_preset(cls, data: Any) -> Any:
         # A preset fills the fourier_* keys the user did not set.
-        if isinstance(data, dict) and data.get("fourier_config") in FOURIER_PRESETS:
+        if isinstance(data, dict) and isinstance(data.get("fourier_config"), str) and data["fourier_config"] in FOURIER_PRESETS:
             data = {**FOURIER_PRESETS[data["fourier_config"]], **data}
         return data
 
@@ -940,6 +1000,15 @@ def _suggestion(word: str, choices: Sequence[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(choices)}"
 
 
+def _one_line(text: str) -> str:
+    """Escape line breaks and other unprintable characters (a key may hold any), so a problem stays one line."""
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode() for char in text)
+
+
+def _clipped(text: str) -> str:
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
 def _format_error(error: dict[str, Any], source: str) -> str:
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc)
@@ -949,9 +1018,25 @@ def _format_error(error: dict[str, Any], source: str) -> str:
         section, name = loc[0], loc[-1]
         return f"{source}: {key}: unknown key in section '{section}'{_suggestion(name, _valid_keys(section))}"
     message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "int_parsing_size":  # pydantic's wording speaks of strings, whatever the input
+        message = INT64_MESSAGE
     if error["type"] == "model_type" or error["type"] == "dict_type":
-        return f"{source}: {key}: must be a mapping of keys to values (got {error['input']!r})"
-    return f"{source}: {key}: {message} (got {error['input']!r})"
+        return f"{source}: {key}: must be a mapping of keys to values (got {_clipped(repr(error['input']))})"
+    return f"{source}: {key}: {message} (got {_clipped(repr(error['input']))})"
+
+
+def _origin(loc: tuple[str, ...], source: str, lines: Mapping[tuple[str, ...], int], overrides: Mapping[tuple[str, ...], str]) -> str:
+    """Where the value at `loc` was set: the --set that set it, else the file, at its key's line when known."""
+    if not loc:
+        return source
+    for path, override in overrides.items():
+        if loc[: len(path)] == path or path[: len(loc)] == loc:
+            return f"--set {override}"
+    # The nearest enclosing key in the file, but a section's line only for a problem with the section.
+    for end in range(len(loc), min(len(loc), 2) - 1, -1):
+        if loc[:end] in lines:
+            return f"{source}:{lines[loc[:end]]}"
+    return source
 
 
 def parse_override(override: str) -> tuple[list[str], Any]:
@@ -959,15 +1044,17 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     key, sep, value = override.partition("=")
     path = [part.strip() for part in key.split(".")]
     if not sep or len(path) < 2 or not all(path):
-        raise ParamsError(f"--set {override}: expected section.key=value, for example --set train.lr=1e-4")
+        raise ParamsError(f"--set {_one_line(override)}: expected section.key=value, for example --set train.lr=1e-4")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = yaml.load(value, Loader=_Loader) if value.strip() else None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"--set {override}: value is not valid YAML ({exc.__class__.__name__})") from exc
+        raise ParamsError(f"--set {_one_line(override)}: value is not valid YAML ({exc.__class__.__name__})") from exc
     return path, parsed
 
 
-def _apply_override(raw: dict[str, Any], path: list[str], value: Any, override: str) -> None:
+def _apply_override(raw: dict[str, Any], path: list[str], value: Any, override: str) -> list[tuple[str, ...]]:
+    """Set the value; returns the key paths it decides, every spelling of the key included."""
+    decided = [tuple(path)]
     section = raw.get(path[0])
     if len(path) == 2 and path[0] in sections() and isinstance(section, dict):
         # `--set train.lr=...` replaces the file's `learning_rate`: an override wins over any spelling.
@@ -976,17 +1063,25 @@ def _apply_override(raw: dict[str, Any], path: list[str], value: Any, override: 
             if path[1] in spellings:
                 for spelling in spellings:
                     section.pop(spelling, None)
+                decided = [(path[0], spelling) for spelling in spellings]
     node = raw
     for part in path[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ParamsError(f"--set {override}: '{part}' is a value, not a section")
+            raise ParamsError(f"--set {_one_line(override)}: '{part}' is a value, not a section")
         node = child
     node[path[-1]] = value
+    return decided
 
 
-def validate_params(raw: Any, source: str = "params.yaml", overridden: Sequence[str] = ()) -> Params:
-    """Validate a parsed params mapping; raise ParamsError with one line per problem."""
+def validate_params(
+    raw: Any, source: str = "params.yaml", lines: Mapping[tuple[str, ...], int] | None = None,
+    overrides: Mapping[tuple[str, ...], str] | None = None,
+) -> Params:
+    """Validate a parsed params mapping; raise ParamsError with one line per problem, each naming its key
+    and where it was set: `source:line` (`lines` maps key paths to lines) or the `--set` (`overrides`
+    maps the key paths it set to its text)."""
+    lines, overrides = lines or {}, overrides or {}
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -995,15 +1090,16 @@ def validate_params(raw: Any, source: str = "params.yaml", overridden: Sequence[
     try:
         return Params.model_validate(raw)
     except ParamsError as exc:
-        # Raised by a cross-field check; its message already names the keys.
-        raise ParamsError(f"{source}: {exc}") from None
+        # Raised by a cross-field check; its message starts with the key it blames.
+        named = re.match(r"(\w+(?:\.\w+)+): ", str(exc))
+        origin = _origin(tuple(named.group(1).split(".")) if named else (), source, lines, overrides)
+        raise ParamsError(_one_line(f"{origin}: {exc}")) from None
     except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            key = ".".join(str(part) for part in error["loc"])
-            origin = "--set" if key in overridden else source
-            lines.append(_format_error(error, origin))
-        raise ParamsError("\n".join(lines)) from None
+        problems = [
+            _one_line(_format_error(error, _origin(tuple(str(part) for part in error["loc"]), source, lines, overrides)))
+            for error in exc.errors()
+        ]
+        raise ParamsError("\n".join(problems)) from None
     finally:
         _READS.reset(token)
 
@@ -1024,18 +1120,65 @@ def load_params(path: Path | str = "params.yaml", overrides: Sequence[str] = ())
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found (run from the project root, or pass --params)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    raw, lines = _read_yaml(path)
+    if raw is None:
+        raw = {}  # an empty file (or only comments): every default
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: must be a mapping of sections (got {type(raw).__name__})")
-    overridden = []
+    overridden: dict[tuple[str, ...], str] = {}
     for override in overrides:
         key_path, value = parse_override(override)
-        _apply_override(raw, key_path, value, override)
-        overridden.append(".".join(key_path))
-    return validate_params(raw, source=str(path), overridden=overridden)
+        for decided in _apply_override(raw, key_path, value, override):
+            overridden[decided] = _one_line(_clipped(override))
+    return validate_params(raw, source=str(path), lines=lines, overrides=overridden)
+
+
+# libyaml when PyYAML was built with it: the same documents, parsed ten times faster.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _read_yaml(path: Path) -> tuple[Any, dict[tuple[str, ...], int]]:
+    """The file's data, and the line of every key in it (list items by index), for error messages."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ParamsError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        return (None, {}) if node is None else (loader.construct_document(node), _key_lines(node))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        if mark is not None:
+            line = mark.line + 1
+        else:  # a ReaderError (a character YAML forbids) has only its position
+            line = text.count("\n", 0, getattr(exc, "position", 0)) + 1
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParamsError(_one_line(f"{path}:{line}: not valid YAML: {problem}")) from None
+    finally:
+        loader.dispose()
+
+
+def _key_lines(root: yaml.Node) -> dict[tuple[str, ...], int]:
+    lines: dict[tuple[str, ...], int] = {}
+    stack: list[tuple[tuple[str, ...], yaml.Node]] = [((), root)]
+    seen = set()
+    while stack:
+        path, node = stack.pop()
+        if id(node) in seen:  # an alias: its keys' lines are those under its anchor
+            continue
+        seen.add(id(node))
+        children = []
+        if isinstance(node, yaml.MappingNode):
+            children = [(key.value, key.start_mark.line, value) for key, value in node.value if isinstance(key, yaml.ScalarNode)]
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(str(index), item.start_mark.line, item) for index, item in enumerate(node.value)]
+        for name, line, child in children:
+            lines[(*path, name)] = line + 1
+            stack.append(((*path, name), child))
+    return lines
 
 
 def _type_name(annotation: Any) -> str:

@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline.errors import KilnError
+from pipeline.images import allow_pixels
 from pipeline.params import ScanParams
 from pipeline.tables import read_table, write_json, write_table
 
@@ -187,6 +188,33 @@ def _warn(result_warnings: list[str], message: str) -> None:
     result_warnings.append(message)
 
 
+class RootGuard:
+    """The one check for every file scan reads (image, mask, caption, metadata): a path that resolves
+    outside the data root, through a symlink, is not read; it is recorded in rejected.parquet and warned
+    about once. train/ and reg/ may themselves be symlinks to another disk: what lies under them is in."""
+
+    def __init__(self, data_root: Path, rejected: list[dict[str, Any]], result_warnings: list[str]):
+        self.data_root = data_root
+        self.roots = [data_root.resolve()] + [(data_root / subset).resolve() for subset in SUBSETS]
+        self.rejected = rejected
+        self.warnings = result_warnings
+        self._refused: set[str] = set()
+
+    def allows(self, path: Path) -> bool:
+        resolved = path.resolve()
+        if any(resolved == root or root in resolved.parents for root in self.roots):
+            return True
+        # relpath, not _rel: a masks_dir of '../masks' is lexically outside the root too.
+        rel = Path(os.path.relpath(path, self.data_root)).as_posix()
+        # Two images with one stem (a.png, a.jpg) share a sidecar: record it once.
+        if rel not in self._refused:
+            self._refused.add(rel)
+            target = os.path.realpath(path)
+            self.rejected.append({"path": rel, "reason": "symlink_outside_root", "detail": f"points to {target}"})
+            _warn(self.warnings, f"{rel}: a symlink to {target}, outside the data root; not read")
+        return False
+
+
 def _is_image(path: Path, cfg: ScanParams) -> bool:
     return path.suffix.lower() in cfg.image_extensions and not path.stem.endswith(cfg.mask_suffix)
 
@@ -266,7 +294,7 @@ def probe_image(path: str, max_pixels: int) -> dict[str, Any]:
         return {"reason": "empty", "detail": "file is zero bytes"}
     probe["image_id"] = hashlib.sha256(data).hexdigest()
     # Our own limit replaces Pillow's global one, so that a raised scan.max_pixels is honoured.
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    allow_pixels(max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -411,10 +439,14 @@ def parse_ed2_yaml(text: str, source: str) -> dict[str, Any]:
 class MetadataReader:
     """Resolves EveryDream2 metadata per image, reading each folder's files once."""
 
-    def __init__(self, data_root: Path, result_warnings: list[str]):
+    def __init__(self, data_root: Path, result_warnings: list[str], guard: RootGuard):
         self.data_root = data_root
         self.warnings = result_warnings
+        self.guard = guard
         self._folder_cache: dict[tuple[Path, str], dict[str, Any]] = {}
+
+    def _readable(self, path: Path) -> bool:
+        return path.is_file() and self.guard.allows(path)
 
     def _read(self, path: Path) -> str:
         return read_text(path, self.warnings, self.data_root)
@@ -425,17 +457,17 @@ class MetadataReader:
             meta: dict[str, Any] = {}
             if kind == "global":
                 for name in ("global.yaml", "global.yml"):
-                    if (folder / name).is_file():
+                    if self._readable(folder / name):
                         meta.update(parse_ed2_yaml(self._read(folder / name), _rel(folder / name, self.data_root)))
             else:
                 for filename, name in ED2_FOLDER_FILES.items():
                     path = folder / filename
-                    if path.is_file():
+                    if self._readable(path):
                         value = _first_line(self._read(path))
                         source = _rel(path, self.data_root)
                         meta[name] = value if name == "batch_id" else _float_field(name, value, source)
                 for name in ("local.yaml", "local.yml"):
-                    if (folder / name).is_file():
+                    if self._readable(folder / name):
                         meta.update(parse_ed2_yaml(self._read(folder / name), _rel(folder / name, self.data_root)))
             self._folder_cache[key] = meta
         return self._folder_cache[key]
@@ -451,7 +483,7 @@ class MetadataReader:
         meta.update(self._folder_meta(folder, "local"))
         for suffix in (".yaml", ".yml"):
             sidecar = image.with_suffix(suffix)
-            if sidecar.is_file():
+            if self._readable(sidecar):
                 meta.update(parse_ed2_yaml(self._read(sidecar), _rel(sidecar, self.data_root)))
                 break
         return meta
@@ -459,29 +491,22 @@ class MetadataReader:
     def sidecar_caption(self, image: Path, extensions: list[str]) -> str | None:
         for extension in extensions:
             sidecar = image.with_suffix(extension)
-            if sidecar.is_file():
+            if self._readable(sidecar):
                 caption = _first_line(self._read(sidecar))
                 if caption:
                     return caption
         return None
 
 
-def _inside(path: Path, roots: list[Path]) -> bool:
-    resolved = path.resolve()
-    return any(resolved == root or root in resolved.parents for root in roots)
-
-
-def find_mask(candidate: Candidate, cfg: ScanParams, data_root: Path) -> str | None:
+def find_mask(candidate: Candidate, cfg: ScanParams, guard: RootGuard) -> str | None:
     image = candidate.path
     beside = image.with_name(f"{image.stem}{cfg.mask_suffix}.png")
     options = [beside]
     if cfg.masks_dir:
-        options.append((data_root / cfg.masks_dir / candidate.rel).with_suffix(".png"))
-    root = data_root.resolve()
+        options.append((guard.data_root / cfg.masks_dir / candidate.rel).with_suffix(".png"))
     for mask in options:
-        # A mask reached through a symlink that leaves the data root is not read.
-        if mask.is_file() and _inside(mask, [root]):
-            return _rel(mask, data_root)
+        if mask.is_file() and guard.allows(mask):
+            return _rel(mask, guard.data_root)
     return None
 
 
@@ -500,7 +525,7 @@ def _caption(candidate: Candidate, meta: dict[str, Any], reader: MetadataReader,
 
 
 def _image_row(
-    candidate: Candidate, probe: dict[str, Any], size: int, reader: MetadataReader, cfg: ScanParams, data_root: Path
+    candidate: Candidate, probe: dict[str, Any], size: int, reader: MetadataReader, cfg: ScanParams
 ) -> dict[str, Any]:
     meta = reader.metadata(candidate.path)
     caption, caption_source = _caption(candidate, meta, reader, cfg)
@@ -528,7 +553,7 @@ def _image_row(
         "cond_dropout": meta.get("cond_dropout"),
         "loss_scale": meta.get("loss_scale", 1.0),
         "shuffle_tags": meta.get("shuffle_tags"),
-        "mask_path": find_mask(candidate, cfg, data_root),
+        "mask_path": find_mask(candidate, cfg, reader.guard),
         "has_alpha": probe["has_alpha"],
     }
 
@@ -566,15 +591,13 @@ def scan(
     result_warnings: list[str] = []
     candidates, rejected = discover(data_root, cfg, result_warnings)
     probe_cache = probe_cache or {}
-    roots = [data_root.resolve()] + [(data_root / subset).resolve() for subset in SUBSETS]
+    guard = RootGuard(data_root, rejected, result_warnings)
 
     stats: dict[str, os.stat_result] = {}
     probes: dict[str, dict[str, Any]] = {}
     to_probe: list[Candidate] = []
     for candidate in candidates:
-        if not _inside(candidate.path, roots):
-            target = os.path.realpath(candidate.path)
-            rejected.append({"path": candidate.rel, "reason": "symlink_outside_root", "detail": f"points to {target}"})
+        if not guard.allows(candidate.path):
             continue
         try:
             stats[candidate.rel] = candidate.path.stat()
@@ -610,7 +633,7 @@ def scan(
         raise
     new_cache = cache_rows()
 
-    reader = MetadataReader(data_root, result_warnings)
+    reader = MetadataReader(data_root, result_warnings, guard)
     images: list[dict[str, Any]] = []
     first_path: dict[str, str] = {}
     for candidate in sorted(candidates, key=lambda c: c.rel):
@@ -633,7 +656,7 @@ def scan(
             rejected.append({"path": candidate.rel, "reason": "duplicate", "detail": f"same bytes as {first_path[probe['image_id']]}"})
             continue
         try:
-            row = _image_row(candidate, probe, stats[candidate.rel].st_size, reader, cfg, data_root)
+            row = _image_row(candidate, probe, stats[candidate.rel].st_size, reader, cfg)
         except MetadataError as exc:
             rejected.append({"path": candidate.rel, "reason": "bad_metadata", "detail": str(exc)})
             continue

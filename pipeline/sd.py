@@ -14,6 +14,7 @@ import torch
 
 from pipeline.errors import KilnError
 from pipeline.inference import resolve_model
+from pipeline.models import pickle_error
 
 
 @dataclass
@@ -65,7 +66,7 @@ def _load_single_file(path: Path, config: str | None, key: str) -> Any:
     try:
         family = single_file_family(path)
     except Exception as exc:  # a truncated or foreign file: say which, without a traceback
-        raise KilnError(f"{key}: {path} is not a readable checkpoint ({exc.__class__.__name__}: {exc})") from None
+        raise pickle_error(key, path, exc) or KilnError(f"{key}: {path} is not a readable checkpoint ({exc.__class__.__name__}: {exc})") from None
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     extra = {"config": str(resolve_model(config, "model.config").folder)} if config else {}
     try:
@@ -77,7 +78,7 @@ def _load_single_file(path: Path, config: str | None, key: str) -> Any:
             "diffusers needs the architecture's configs and tokenizers: set model.config to a local diffusers "
             "folder of the same architecture (a downloaded base model; its weights are not read)"
         )
-        raise KilnError(f"{key}: cannot load the {family} checkpoint {path}: {hint} ({exc.__class__.__name__}: {exc})") from None
+        raise pickle_error(key, path, exc) or KilnError(f"{key}: cannot load the {family} checkpoint {path}: {hint} ({exc.__class__.__name__}: {exc})") from None
 
 
 def load_components(spec: str, key: str = "model.base", config: str | None = None) -> SDComponents:

@@ -42,8 +42,22 @@ def write_table(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> No
     _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
-def read_table(path: Path) -> list[dict[str, Any]]:
-    return pq.read_table(path).to_pylist()
+class DamagedTable(KilnError):
+    """A Parquet file that exists but cannot be read: truncated, zero bytes, or not Parquet at all."""
+
+
+def read_table(path: Path, written_by: str | None = None) -> list[dict[str, Any]]:
+    """The rows of a Parquet file. A damaged file is a DamagedTable naming it (pyarrow's own errors name no
+    file, or end as a traceback); `written_by` is the stage that writes it, which the message says to rerun."""
+    try:
+        return pq.read_table(path).to_pylist()
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        # pyarrow's message may start with the path again; one line is enough.
+        reason = " ".join(str(exc).removeprefix(f"Could not open Parquet input source '{path}': ").split())
+        remedy = f"rerun `kiln {written_by}`" if written_by else "rerun the stage that writes it"
+        raise DamagedTable(f"{path}: damaged, not a readable Parquet file ({reason}); {remedy}") from exc
 
 
 def write_json(data: Any, path: Path) -> None:

@@ -257,7 +257,7 @@ def run(cfg: TagParams, paths: TagPaths, tagger_factory: Any = make_tagger) -> T
     if not paths.images.is_file():
         raise KilnError(f"{paths.images}: not found; run `kiln scan` first")
     # files.parquet (no captions), so a caption edit never reruns tagging.
-    images = sorted(read_table(paths.images), key=lambda row: row["image_id"])
+    images = sorted(read_table(paths.images, "scan"), key=lambda row: row["image_id"])
     vocabulary = read_vocabulary(cfg.vocabulary) if cfg.backend == "clip" else []
     model = resolve_model(cfg.model, "tag.model")
     model_key = _model_key(cfg, fingerprint(model.folder), vocabulary)

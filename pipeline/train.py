@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from pipeline.losses import LossSettings
 from pipeline.monitor import RunLogger, Throughput, draw_loss_curve, lora_block_magnitudes, write_timesteps
 from pipeline.noise import NoiseSettings
 from pipeline.objective import DiffusionObjective, Objective
-from pipeline.optim import build_optimizer, build_scheduler, scaled_lr
+from pipeline.optim import build_optimizer, build_scheduler, check_optimizer_args, optimizer_class, scaled_lr
 from pipeline.params import Params, TrainParams, declared_values, load_params
 from pipeline.samples import Sampler
 from pipeline.saving import RunSummary, save_outputs, training_metadata
@@ -82,6 +83,7 @@ class TrainResult:
     output: Path | None = None
     images_per_second: float = 0.0  # over training steps only (monitor.Throughput)
     validation_losses: list[float | None] = field(default_factory=list)
+    nonfinite_steps: int = 0  # skipped for a NaN or inf loss or gradient (train.max_nonfinite_steps)
 
 
 class Interrupted(KilnError):
@@ -123,6 +125,7 @@ class Training:
     throughput: Throughput = field(default_factory=Throughput)
     timesteps_log: list[dict[str, Any]] = field(default_factory=list)  # train.log_timesteps
     validation_points: list[tuple[int, float]] = field(default_factory=list)  # (global_step, validation loss)
+    nonfinite_in_a_row: int = 0  # steps skipped for a NaN or inf loss or gradient, since the last good one
 
 
 def run_identity(params: Params, plan: Path) -> RunIdentity:
@@ -233,6 +236,8 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
 
     # --- run identity, resume source and seed: a run resumes only its own checkpoints ---------------
     run_dir = paths.run_dir(params.train.output_name)
+    # Before the model loads (the slow part): optimizer_args the optimizer would refuse at its first use.
+    check_optimizer_args(optimizer_class(params.train.optimizer), params.train.optimizer_args)
     identity = run_identity(params, paths.plan)
     source = resume_source(run_dir / "checkpoints", resume, identity)
     seed = resolve_seed(params.train.seed, source)
@@ -252,7 +257,7 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
         components.unet.enable_gradient_checkpointing()
 
     # --- data: the plan is read once, here --------------------------------------------------------
-    plan = read_table(paths.plan)
+    plan = read_table(paths.plan, "balance")
     holdout = held_out(plan, cfg.validation_split, cfg.validation_folder)
     loader = make_loader(
         plan, paths.store, paths.index, cfg, accelerator.process_index, accelerator.num_processes,
@@ -285,7 +290,7 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     # --- validation: held-out images, fixed noise and timesteps (a local store only) -------------
     validator = None
     if holdout and not is_remote(paths.store):
-        index = {row["cache_key"]: row for row in read_table(paths.index)}
+        index = {row["cache_key"]: row for row in read_table(paths.index, "cache")}
         validator = Validator(
             [row for row in plan if row["image_id"] in holdout], LatentStore(Path(paths.store)), index,
             cfg.min_timestep, cfg.max_timestep, cfg.batch_size, cfg.seed,
@@ -366,12 +371,15 @@ def fit(t: Training, global_step: int, stop: StopRequest) -> TrainResult:
             output, loss, grad_norm = micro_step(t, batch, global_step)
             if loss is None:
                 continue  # accumulating gradients: the optimizer has not stepped
+            if skipped_nonfinite(t, result, loss, global_step):
+                continue
             global_step += 1
             result.losses.append(loss)
             after_step(t, result, global_step, output, loss, grad_norm)
             if stop.signal or global_step >= t.total_steps:
                 break
-        if stop.signal:
+        # A signal during the last step changes nothing: the run is finished and its outputs are written.
+        if stop.signal and global_step < t.total_steps:
             path = t.checkpointer.save("interrupted", global_step)
             raise Interrupted(
                 f"{stop.signal}: stopped at step {global_step}; saved {path}. Continue with `kiln train` or `dvc repro` "
@@ -384,17 +392,28 @@ def fit(t: Training, global_step: int, stop: StopRequest) -> TrainResult:
 
 def micro_step(t: Training, batch: dict[str, Any], global_step: int) -> tuple[StepOutput, float | None, Any]:
     """One batch forward and backward; when the accumulated gradients sync, clip them and step.
-    Returns the output, the loss as a float once the optimizer stepped (else None), and the grad norm."""
+    Returns the output, the loss as a float once the optimizer stepped (else None; NaN when the step was
+    skipped for a non-finite loss or gradient), and the grad norm."""
     with t.accelerator.accumulate(t.step.unet):
         output = t.step.train_step(batch, global_step, t.loader.generator())
+        if not t.accelerator.sync_gradients:
+            return output, None, None  # accumulating: the optimizer has not stepped
         grad_norm = None
-        if t.accelerator.sync_gradients and t.cfg.clip_grad_norm:
-            grad_norm = t.accelerator.clip_grad_norm_(t.trainable, t.cfg.clip_grad_norm)
+        # fp16's loss scaler finds and skips inf gradients itself (and must see them to lower its scale).
+        watch_grads = t.accelerator.mixed_precision != "fp16"
+        if t.cfg.clip_grad_norm or watch_grads:
+            grad_norm = t.accelerator.clip_grad_norm_(t.trainable, t.cfg.clip_grad_norm or float("inf"))
+        # The step's one host sync (nanoGPT; GradScaler syncs here too): the loss, and the gradient norm
+        # that shows a NaN or inf from any accumulated batch or any rank, read together before stepping.
+        read = [output.loss.detach().float()] + ([grad_norm.detach().float()] if watch_grads else [])
+        values = torch.stack(read).tolist()
+        if not all(math.isfinite(value) for value in values):
+            t.optimizer.zero_grad(set_to_none=True)  # the poisoned gradients go; no weight changes
+            return output, math.nan, grad_norm
         t.optimizer.step()
         t.scheduler.step()
         t.optimizer.zero_grad(set_to_none=True)
-        # The step's one host sync (nanoGPT): the loss is read once, when the optimizer has stepped.
-        loss = output.loss.item() if t.accelerator.sync_gradients else None
+        loss = values[0]
     t.throughput.step_done(len(batch["captions"]))
     if t.cfg.log_timesteps:
         t.timesteps_log.extend(
@@ -402,6 +421,24 @@ def micro_step(t: Training, batch: dict[str, Any], global_step: int) -> tuple[St
             for image_id, reg, timestep in zip(batch["image_ids"], batch["is_reg"], output.timesteps.tolist(), strict=True)
         )
     return output, loss, grad_norm
+
+
+def skipped_nonfinite(t: Training, result: TrainResult, loss: float, global_step: int) -> bool:
+    """A step whose loss or gradients were NaN or inf changed no weight; count it, and stop after
+    train.max_nonfinite_steps in a row (the checkpoints written so far are kept)."""
+    if math.isfinite(loss):
+        t.nonfinite_in_a_row = 0
+        return False
+    t.nonfinite_in_a_row += 1
+    result.nonfinite_steps += 1
+    log.warning("train: NaN or inf loss or gradients after step %d; that step was skipped (%d in a row)", global_step, t.nonfinite_in_a_row)
+    if t.nonfinite_in_a_row >= t.cfg.max_nonfinite_steps:
+        raise KilnError(
+            f"train: the loss or gradients were NaN or inf for {t.nonfinite_in_a_row} steps in a row after step "
+            f"{global_step} (train.max_nonfinite_steps); stopped, keeping the checkpoints in {t.checkpointer.root}. "
+            "Lower train.learning_rate, or try mixed_precision: bf16 instead of fp16."
+        )
+    return True
 
 
 def after_step(t: Training, result: TrainResult, global_step: int, output: StepOutput, loss: float, grad_norm: Any) -> None:

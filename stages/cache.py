@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from pipeline import cache
+from pipeline.errors import KilnError
+from pipeline.images import allow_pixels
 from stages.common import (
     DataRootOption,
     ParamsOption,
@@ -34,8 +36,11 @@ def main(
 
     Only latents the store lacks are encoded; damaged shards are detected and re-encoded; a killed run
     resumes where it stopped. Run on several GPUs with `accelerate launch --num_processes N -m stages.cache`.
+    An image that cannot be encoded is named, and the stage exits non-zero once every other latent is stored.
     """
     loaded = load(params, overrides)
+    # Open every image scan accepted, however large: one pixel limit for all stages.
+    allow_pixels(loaded.scan.max_pixels)
     result = cache.run(
         loaded.cache, loaded.model.base, loaded.bucket.interpolation,
         cache.CachePaths(buckets, files, data_root, store), gc=gc, base_config=loaded.model.config,
@@ -46,6 +51,12 @@ def main(
         + (f", {result.nan_fallbacks} batches re-encoded in fp32" if result.nan_fallbacks else "")
     )
     report_failures(result.failures)
+    if result.failures:
+        # Exit non-zero so that `dvc repro` stops here: balance and train cannot do without these latents.
+        raise KilnError(
+            f"{len(result.failures)} of {sum(result.buckets.values())} latents could not be encoded (named above); "
+            "the others are stored. Fix or remove those images, then rerun from `kiln scan`"
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from pipeline import caption
+from pipeline.images import allow_pixels
 from stages.common import (
     DataRootOption,
     ParamsOption,
@@ -33,8 +34,10 @@ def main(
     caption.mode: missing (only images without a sidecar or yaml caption), overwrite, append or prepend.
     Model captions are cached per image, model and generation params: a rerun only captions new images.
     """
-    cfg = load(params, overrides).caption
-    result = caption.run(cfg, caption.CaptionPaths(images, data_root, out))
+    loaded = load(params, overrides)
+    # Open every image scan accepted, however large: one pixel limit for all stages.
+    allow_pixels(loaded.scan.max_pixels)
+    result = caption.run(loaded.caption, caption.CaptionPaths(images, data_root, out))
     console.print(
         f"caption: {len(result.rows)} images; {result.model_captioned} with a model caption "
         f"({result.ran} generated now, {result.from_cache} from the cache)"

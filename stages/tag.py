@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from pipeline import tag
+from pipeline.images import allow_pixels
 from stages.common import (
     DataRootOption,
     ParamsOption,
@@ -34,8 +35,10 @@ def main(
 
     Tags are cached per image, model and thresholds: a rerun only tags new images.
     """
-    cfg = load(params, overrides).tag
-    result = tag.run(cfg, tag.TagPaths(files, data_root, out))
+    loaded = load(params, overrides)
+    # Open every image scan accepted, however large: one pixel limit for all stages.
+    allow_pixels(loaded.scan.max_pixels)
+    result = tag.run(loaded.tag, tag.TagPaths(files, data_root, out))
     top = sorted(
         ((name, count) for counts in result.frequency.values() for name, count in counts.items()),
         key=lambda item: -item[1],

@@ -64,7 +64,9 @@ def test_each_stage_depends_on_every_module_it_runs(stage):
     assert command[:2] == ["kiln", stage], f"dvc.yaml: stage {stage} runs {spec['cmd']!r}, not `kiln {stage}`"
     # `kiln` (stages/cli.py) only dispatches to stages/<stage>.py, so the closure starts there.
     expected = closure(ROOT / "stages" / f"{stage}.py")
-    declared = {dep for dep in spec.get("deps", []) if dep.endswith(".py")}
+    listed = [dep for dep in spec.get("deps", []) if isinstance(dep, str) and dep.endswith(".py")]
+    assert len(listed) == len(set(listed)), f"dvc.yaml: stage {stage} lists {sorted({d for d in listed if listed.count(d) > 1})} twice"
+    declared = set(listed)
     missing, extra = sorted(expected - declared), sorted(declared - expected)
     assert not missing and not extra, f"dvc.yaml: stage {stage}: add deps {missing}; remove deps {extra}"
 

@@ -1,3 +1,4 @@
+import re
 import shutil
 
 import pytest
@@ -90,6 +91,39 @@ def test_missing_latent_names_the_image_and_says_run_cache(project, tmp_path):
     )
     path = next(r["path"] for r in read_table(project.scan_paths.images) if r["image_id"] == keys[0]["image_id"])
     with pytest.raises(KilnError, match=f"{path}: its latent is not in the cache; run `kiln cache`"):
+        build_plan(paths, BalanceParams(), TrainParams())
+
+
+def test_an_image_cache_failed_to_encode_says_what_helps(project, tmp_path):
+    import pyarrow.parquet as pq
+
+    # keys.parquet lists the image (cache saw it) but the store holds no latent for it: encoding failed.
+    manifest = pq.read_table(project.paths.store / "manifest.parquet")
+    failed = manifest.column("cache_key")[0].as_py()
+    trimmed = tmp_path / "manifest.parquet"
+    pq.write_table(manifest.slice(1), trimmed)
+    paths = BalancePaths(
+        project.scan_paths.images, project.bucket_paths.buckets, project.paths.keys, trimmed, None, None, tmp_path,
+    )
+    image_id = next(row["image_id"] for row in read_table(project.paths.keys) if row["cache_key"] == failed)
+    path = next(row["path"] for row in read_table(project.scan_paths.images) if row["image_id"] == image_id)
+    message = f"{path}: `kiln cache` could not encode this image (it printed why); fix or remove it, then rerun from `kiln scan`"
+    with pytest.raises(KilnError) as raised:
+        build_plan(paths, BalanceParams(), TrainParams())
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("table", ["keys.parquet", "manifest.parquet"])
+def test_a_damaged_cache_table_is_named_with_the_stage_to_rerun(project, tmp_path, table):
+    latents = tmp_path / "latents"
+    shutil.copytree(project.paths.store, latents, ignore=shutil.ignore_patterns("*.tar"))
+    damaged = latents / table
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    paths = BalancePaths(
+        project.scan_paths.images, project.bucket_paths.buckets, latents / "keys.parquet", latents / "manifest.parquet",
+        None, None, tmp_path / "plan",
+    )
+    with pytest.raises(KilnError, match=rf"^{re.escape(str(damaged))}: damaged, not a readable Parquet file \(.*\); rerun `kiln cache`$"):
         build_plan(paths, BalanceParams(), TrainParams())
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import load as load_tensors
 
 from pipeline.cache import prepare
 from pipeline.errors import KilnError
-from pipeline.latents import LatentStore
+from pipeline.latents import META_FIELDS, LatentStore
 from pipeline.models import load_vae
 from pipeline.params import BucketParams
 from pipeline.tables import read_table
@@ -231,6 +231,68 @@ def test_a_truncated_shard_is_repaired(project):
     shard.write_bytes(shard.read_bytes()[:1000])
     assert project.cache().repaired >= 1
     assert len(project.index()) == 23
+
+
+def json_header(offset: int, size: int) -> int:
+    """Where the header of a sample's .json member starts: after its payload, padded to whole blocks."""
+    return offset + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda row: json_header(row["offset"], row["size"]) + 3, id="name-of-the-2nd-header"),
+        pytest.param(lambda row: json_header(row["offset"], row["size"]) + 150, id="checksum-of-the-2nd-header"),
+        pytest.param(lambda row: json_header(row["offset"], row["size"]) + tarfile.BLOCKSIZE + 20, id="json-member"),
+    ],
+)
+def test_damage_outside_the_payloads_is_detected_named_and_repaired(project, caplog, damage):
+    project.cache()
+    index = project.index()
+    shard_of = [row["shard"] for row in index.values()]
+    first = min((row for row in index.values() if shard_of.count(row["shard"]) > 1), key=lambda row: row["offset"])
+    shard = project.paths.store / first["shard"]
+    data = bytearray(shard.read_bytes())
+    data[damage(first)] ^= 0x01
+    shard.write_bytes(bytes(data))
+    members = shard_of.count(first["shard"])
+    with caplog.at_level(logging.WARNING):
+        result = project.cache()
+    assert f"{shard}: its tar headers or .json members do not match the index; its {members} latents" in caplog.text
+    assert (result.repaired, result.encoded) == (members, members)
+    index = project.index()
+    seen = {}
+    for sample in wds.WebDataset(sorted(str(path) for path in project.store.shard_files()), shardshuffle=False, empty_check=False):
+        seen[sample["__key__"]] = json.loads(sample["json"])
+    assert len(seen) == 23
+    assert all(seen[key] == {name: row[name] for name in META_FIELDS} for key, row in index.items())
+
+
+@pytest.mark.parametrize("damage", [lambda data: b"", lambda data: data[: len(data) // 2]], ids=["zero-bytes", "truncated"])
+def test_a_damaged_index_is_rebuilt_from_the_shards_and_keys_rewritten(project, caplog, damage):
+    project.cache()
+    fresh = store_bytes(project.paths.store)
+    for table in (project.store.index_path, project.paths.keys):
+        table.write_bytes(damage(table.read_bytes()))
+    with caplog.at_level(logging.WARNING):
+        result = project.cache()
+    assert f"{project.store.index_path}: unreadable (" in caplog.text
+    assert (result.adopted, result.encoded, result.reused) == (23, 0, 23)
+    assert store_bytes(project.paths.store) == fresh
+
+
+@pytest.mark.parametrize("changed", ["reg/1_shape/shape_01.png", "train/10_sks circle/circle_03-masklabel.png"])
+def test_an_image_changed_since_scan_is_a_failure_never_a_latent_under_its_old_key(project, changed):
+    files = read_table(project.paths.files)
+    image = next(row for row in files if changed in (row["path"], row["mask_path"]))
+    Image.new("RGB", (300, 300), (1, 2, 3)).save(project.raw / changed)
+    result = project.cache()
+    assert result.failures == [
+        f"{image['path']}: cannot read image (KilnError: {project.raw / changed} changed since `kiln scan`; "
+        "rerun `kiln scan`)"
+    ]
+    index = project.index()
+    assert len(index) == 22 and image["image_id"] not in {row["image_id"] for row in index.values()}
 
 
 def test_a_second_writer_is_refused_with_a_clear_message(project):

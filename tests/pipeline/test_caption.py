@@ -99,6 +99,17 @@ def test_cached_images_are_not_run_again(paths, tiny_blip, demo_source, tmp_path
     assert (beams.ran, sum(StubCaptioner.calls)) == (22, 44)
 
 
+def test_a_damaged_model_cache_is_computed_again_with_a_warning(paths, tiny_blip, caplog):
+    cfg = CaptionParams(model=str(tiny_blip), mode="overwrite", batch_size=4)
+    run(cfg, paths, StubCaptioner)
+    captions = paths.captions.read_bytes()
+    paths.cache.write_bytes(paths.cache.read_bytes()[:100])  # a kill mid-write elsewhere, a bad disk
+    again = run(cfg, paths, StubCaptioner)
+    assert (again.ran, again.from_cache) == (22, 0) and paths.captions.read_bytes() == captions
+    assert f"{paths.cache}: damaged, not a readable Parquet file" in caplog.text
+    assert "its model outputs will be computed again" in caplog.text
+
+
 def test_adding_images_captions_only_the_new_ones(demo_source, tmp_path, tiny_blip):
     from pipeline.params import ScanParams
     from pipeline.scan import ScanPaths

@@ -1,5 +1,8 @@
 """Checkpoints: exact resume (weights, EMA), the --resume resolver and the seed rule."""
 
+import errno
+import logging
+import os
 
 import pytest
 import torch
@@ -49,6 +52,11 @@ class Optim:
     def state_dict(self):
         return self.state
 
+    def load_state_dict(self, state):
+        self.state = state
+
+
+class Loader:
     def load_state_dict(self, state):
         self.state = state
 
@@ -127,11 +135,6 @@ def test_restore_refuses_another_seed(tmp_path):
     from pipeline.errors import KilnError
 
     source = saved(tmp_path, "step-00000003", 3, seed=1)
-
-    class Loader:
-        def load_state_dict(self, state):
-            self.state = state
-
     param = torch.nn.Parameter(torch.zeros(2))
     checkpointer = Checkpointer(tmp_path / "run", [param], Optim(), Optim(), Loader(), None, keep_last=2, run=identity())
     with pytest.raises(KilnError, match=r"saved with train.seed=1, but this run has 2"):
@@ -169,3 +172,145 @@ def test_runs_do_not_hijack_each_other(sd15, tmp_path):
         run(params_for("tiny-sd15", max_train_steps=6, learning_rate=1e-3), paths, resume="latest")
     # Each run has its own TensorBoard folder.
     assert len(list((tmp_path / "kiln" / "logs").glob("run-*"))) == 2
+
+
+def cut_short(path):
+    """The file as a copy or a crash that stopped half-way leaves it."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("file_name", "reason"),
+    [
+        ("weights.safetensors", "SafetensorError: Error while deserializing header: invalid header length"),
+        ("optimizer.pt", "RuntimeError: PytorchStreamReader failed reading zip archive: failed finding central directory"),
+        ("state.json", "JSONDecodeError: Unterminated string starting at: line 7 column 11 (char 77)"),
+    ],
+)
+def test_resume_skips_a_damaged_checkpoint_for_the_newest_valid_one(tmp_path, caplog, file_name, reason):
+    from pipeline.checkpoints import resume_source
+    from pipeline.errors import KilnError
+
+    root, mine = tmp_path / "checkpoints", identity()
+    saved(root, "step-00000002", 2)
+    saved(root, "step-00000005", 5)
+    damaged = root / "step-00000005" / file_name
+    cut_short(damaged)
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoints"):
+        assert resume_source(root, "latest", mine) == root / "step-00000002"
+        assert resume_source(root, "auto", mine) == root / "step-00000002"
+    assert f"{damaged}: damaged ({reason}); " in caplog.text
+    # Named explicitly, it is not skipped but refused, in one line naming the file.
+    with pytest.raises(KilnError) as error:
+        resume_source(root, str(root / "step-00000005"), mine)
+    assert str(error.value) == f"{damaged}: damaged ({reason}); delete this checkpoint or resume another"
+    # With none valid, the run starts fresh, and says so.
+    cut_short(root / "step-00000002" / file_name)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoints"):
+        assert resume_source(root, "latest", mine) is None
+    assert caplog.records[-1].getMessage().endswith("can be resumed; starting fresh")
+
+
+def test_a_checkpoint_whose_state_json_cannot_be_read_is_warned_about_never_pruned(tmp_path, caplog):
+    from pipeline.checkpoints import checkpoints
+
+    root = tmp_path / "checkpoints"
+    saved(root, "step-00000002", 2, keep_last=1)
+    (root / "step-00000002" / "state.json").write_text("")  # a write cut short
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoints"):
+        saved(root, "step-00000004", 4, keep_last=1)  # a fresh run's saves prune: they read every state.json
+        saved(root, "step-00000006", 6, keep_last=1)
+    # Its run is unknown (it may be another run's), so pruning leaves it to the user; it is reported once.
+    assert sorted(path.name for path in root.iterdir()) == ["step-00000002", "step-00000006"]
+    assert checkpoints(root) == [root / "step-00000006"]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{root / 'step-00000002' / 'state.json'}: damaged (JSONDecodeError: Expecting value: line 1 column 1 (char 0)); "
+        "this checkpoint is never resumed or pruned: delete it"
+    ]
+
+
+@pytest.mark.parametrize("file_name", ["optimizer.pt", "scheduler.pt"])
+def test_a_pickle_holding_python_objects_is_refused_and_never_run(tmp_path, caplog, file_name):
+    from pipeline.checkpoints import Checkpointer, resume_source
+    from pipeline.errors import KilnError
+
+    marker = tmp_path / "marker"
+
+    class Payload:
+        def __reduce__(self):  # unpickled, this calls open(marker, "w"): an attacker's code would run here
+            return (open, (str(marker), "w"))
+
+    root, mine = tmp_path / "checkpoints", identity()
+    saved(root, "step-00000002", 2)
+    source = saved(root, "step-00000005", 5)
+    torch.save({"state": {}, "param_groups": [], "hook": Payload()}, source / file_name)
+    refused = f"{source / file_name}: refused: it holds Python objects beyond tensors (io.open)"
+    with pytest.raises(KilnError) as error:
+        resume_source(root, str(source), mine)
+    assert str(error.value) == f"{refused}; delete this checkpoint or resume another"
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoints"):
+        assert resume_source(root, "latest", mine) == root / "step-00000002"
+    assert f"{refused}; skipping this checkpoint" in caplog.text
+    # Restored anyway, it changes nothing: every file is read before any state is applied.
+    param, optimizer = torch.nn.Parameter(torch.zeros(2)), Optim()
+    checkpointer = Checkpointer(tmp_path / "run", [param], optimizer, Optim(), Loader(), None, keep_last=2, run=mine)
+    with pytest.raises(KilnError) as error:
+        checkpointer.restore(source, 42)
+    assert str(error.value) == refused
+    assert torch.equal(param.detach(), torch.zeros(2)) and optimizer.state == {"step": torch.tensor(0)}
+    assert not marker.exists()
+    torch.load(source / file_name, weights_only=False)  # the payload is live: unpickled, it runs
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("writer", "failure"),
+    [
+        # torch.save on a full disk: the error names no file.
+        ("torch.save", RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4544 vs 4432")),
+        ("pipeline.checkpoints.save_safetensors", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))),
+    ],
+)
+def test_a_full_disk_fails_the_save_in_one_line_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch, writer, failure):
+    from pipeline.checkpoints import Checkpointer
+    from pipeline.errors import KilnError
+
+    root = tmp_path / "checkpoints"
+    saved(root, "step-00000002", 2)
+
+    def disk_full(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(writer, disk_full)
+    with pytest.raises(KilnError) as error:
+        saved(root, "step-00000005", 5)
+    reason = f"{failure.__class__.__name__}: {failure}"
+    assert str(error.value) == (
+        f"{root / 'step-00000005'}: cannot write this checkpoint ({reason}); free disk space (or check the folder is "
+        "writable), then resume: the earlier checkpoints are kept"
+    )
+    assert sorted(path.name for path in root.iterdir()) == ["step-00000002"]  # no .step-00000005.tmp left
+    param = torch.nn.Parameter(torch.zeros(2))
+    checkpointer = Checkpointer(tmp_path / "run", [param], Optim(), Optim(), Loader(), None, keep_last=2, run=identity())
+    assert checkpointer.restore(root / "step-00000002", 42) == 2
+    assert torch.equal(param.detach(), torch.full((2,), 2.0))
+
+
+def test_the_trainer_resumes_the_newest_checkpoint_that_is_not_damaged(sd15, tmp_path, caplog):
+    from pipeline.checkpoints import checkpoints
+    from pipeline.train import Interrupted
+
+    project, plan = sd15
+    paths = train_paths(project, plan, tmp_path)
+    settings = params_for("tiny-sd15", max_train_steps=4, save_every_n_steps=2)
+    with sigterm_during_step(3), pytest.raises(Interrupted):
+        run(settings, paths)
+    folder = tmp_path / "kiln" / "checkpoints"
+    assert [path.name for path in checkpoints(folder)] == ["step-00000002", "interrupted"]
+    cut_short(folder / "interrupted" / "weights.safetensors")
+    with caplog.at_level(logging.INFO, logger="pipeline.checkpoints"):
+        resumed = run(settings, paths, resume="latest")
+    assert f"{folder / 'interrupted' / 'weights.safetensors'}: damaged (" in caplog.text
+    assert f"resumed from {folder / 'step-00000002'} at step 2" in caplog.text
+    assert resumed.global_step == 4 and len(resumed.losses) == 2

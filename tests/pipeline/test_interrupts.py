@@ -52,6 +52,17 @@ def test_a_stop_saves_a_checkpoint_that_resumes_exactly(sd15, tmp_path):
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+def test_a_signal_during_the_last_step_still_writes_the_outputs(sd15, tmp_path):
+    project, plan = sd15
+    straight = run(params_for("tiny-sd15", max_train_steps=3), train_paths(project, plan, tmp_path / "a"))
+    with sigterm_during_step(3):
+        finished = run(params_for("tiny-sd15", max_train_steps=3), train_paths(project, plan, tmp_path / "b"))
+    assert finished.global_step == 3 and finished.output.is_file()
+    assert checkpoints(tmp_path / "b" / "kiln" / "checkpoints") == []  # a finished run, not an interrupted one
+    a, b = load_file(str(straight.output)), load_file(str(finished.output))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def read_until(stream, text: str) -> list[str]:
     """Lines of `stream` up to the first that contains `text` (or to its end)."""
     lines = []

@@ -67,6 +67,22 @@ def runs_of(keys: list[str], max_count: int, max_bytes: int = 1 << 40, size: int
     return {tuple(keys[start:stop]) for start, stop in layout(keys, [size] * len(keys), max_count, max_bytes)}
 
 
+def test_verify_finds_a_change_to_any_byte_of_a_shard(tmp_path):
+    # Headers, .json members and padding included: a reader depends on all of them, not the payloads alone.
+    store = LatentStore(tmp_path / "latents")
+    rows = store.write_shard("64x64", [sample("a", 0.0), sample("b", 1.0)])
+    shard = store.root / rows["a"]["shard"]
+    intact = shard.read_bytes()
+    assert store.verify(rows).damaged == []
+    for position in range(0, len(intact), 7):
+        damaged = bytearray(intact)
+        damaged[position] ^= 0x01
+        shard.write_bytes(bytes(damaged))
+        assert store.verify(rows).damaged == [rows["a"]["shard"]], position
+    shard.write_bytes(intact + bytes(512))
+    assert store.verify(rows).damaged == [rows["a"]["shard"]]
+
+
 def test_layout_covers_every_key_in_order_within_the_caps():
     keys = keyed(500, seed=1)
     runs = layout(keys, [100] * len(keys), max_count=40, max_bytes=2000)

@@ -184,9 +184,11 @@ def test_corrupt_shard_gives_the_named_error(demo, tmp_path):
         data = bytearray(shard.read_bytes())
         data[row["offset"] + 100] ^= 0xFF
         shard.write_bytes(bytes(data))
-    loader = LatentLoader(plan, store, TrainParams(workers=0))
-    with pytest.raises(KilnError, match=r"does not match its checksum; the shard is damaged. Rerun `kiln cache`"):
-        batches_of(loader, 1)
+    for workers in (0, 2):  # from a DataLoader worker too: the same one line, not the worker's traceback
+        loader = LatentLoader(plan, store, TrainParams(workers=workers))
+        with pytest.raises(KilnError, match=r"^\S+\.tar: latent \w+ does not match its checksum; the shard is damaged\. Rerun `kiln cache`") as caught:
+            batches_of(loader, 1)
+        assert "\n" not in str(caught.value)
 
 
 def test_streaming_loader_for_remote_shards(demo):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pipeline.errors import KilnError
+from pipeline.errors import KilnError, ParamsError
 from pipeline.optim import AdaCoor, build_optimizer, build_scheduler, decay_steps, scaled_lr
 
 
@@ -69,3 +69,23 @@ def test_optimizer_errors_and_args():
         build_optimizer("adam", groups, 1e-3, {})
     with pytest.raises(KilnError, match="unknown schedule 'cosine_annealing'"):
         build_scheduler("cosine_annealing", torch.optim.SGD([param], lr=1.0), 0, 10, None)
+
+
+def test_optimizer_args_it_does_not_take_or_refuses_are_one_line_errors():
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
+    with pytest.raises(ParamsError) as caught:
+        build_optimizer("adamw", groups, 1e-3, {"foo": 1})
+    assert str(caught.value).startswith(
+        "train.optimizer_args.foo: not an argument of AdamW; it takes: betas, eps, weight_decay, amsgrad"
+    )
+    with pytest.raises(ParamsError) as caught:
+        build_optimizer("adacoor", groups, 0.0, {"lr": 1.0})
+    assert str(caught.value) == "train.optimizer_args.lr: not an argument of AdaCoor; it takes: eps"
+    with pytest.raises(ParamsError) as caught:
+        build_optimizer("sgd", groups, 1e-3, {"lr": 1.0})
+    assert str(caught.value) == "train.optimizer_args.lr: the learning rate is train.learning_rate; set it there"
+    args = {"weight_decay": 0.1, "betas": [0.9, 0.99]}
+    assert build_optimizer("adamw", groups, 1e-3, args).param_groups[0]["betas"] == (0.9, 0.99)
+    with pytest.raises(ParamsError) as caught:
+        build_optimizer("adamw", groups, 1e-3, {"eps": -1.0})
+    assert str(caught.value) == "train.optimizer_args: AdamW refused {'eps': -1.0}: Invalid epsilon value: -1.0"

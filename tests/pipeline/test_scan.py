@@ -280,6 +280,47 @@ def test_masks_beside_image_or_in_masks_dir(tmp_path):
     assert images["train/1_x/b.png"]["mask_path"] == "masks/train/1_x/b.png"
 
 
+SIDECARS = ["train/1_x/a.txt", "train/1_x/a.yaml", "train/1_x/local.yaml", "global.yaml", "train/1_x/a-masklabel.png"]
+
+
+@pytest.mark.parametrize("sidecar", SIDECARS)
+def test_sidecar_symlinked_outside_the_root_is_not_read(tmp_path, sidecar):
+    root = tmp_path / "raw"
+    write_image(root / "train/1_x/a.png")
+    # a.jpg shares a.png's sidecars: the refused file is still recorded once.
+    write_image(root / "train/1_x/a.jpg", colour=1, fmt="JPEG")
+    outside = tmp_path / "outside.yaml"
+    outside.write_text("main_prompt: stolen\nmultiply: 7\n")
+    (root / sidecar).symlink_to(outside)
+    images, rejected, result = scan_rows(root)
+    for name in ("a.png", "a.jpg"):
+        image = images[f"train/1_x/{name}"]
+        assert (image["caption"], image["caption_source"], image["multiply"], image["mask_path"]) == ("x", "class_tokens", 1.0, None)
+    target = outside.resolve()
+    assert rejected == {sidecar: {"path": sidecar, "reason": "symlink_outside_root", "detail": f"points to {target}"}}
+    assert result.warnings == [f"{sidecar}: a symlink to {target}, outside the data root; not read"]
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "text", "caption", "multiply"),
+    [
+        ("train/1_x/a.txt", "a shared caption\n", "a shared caption", 1.0),
+        ("train/1_x/a.yaml", "main_prompt: shared\nmultiply: 7\n", "shared", 7.0),
+        ("train/1_x/local.yaml", "main_prompt: shared\nmultiply: 7\n", "shared", 7.0),
+        ("global.yaml", "main_prompt: shared\nmultiply: 7\n", "shared", 7.0),
+    ],
+)
+def test_sidecar_symlinked_inside_the_root_is_read(tmp_path, sidecar, text, caption, multiply):
+    write_image(tmp_path / "train/1_x/a.png")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared/meta").write_text(text)
+    (tmp_path / sidecar).symlink_to(tmp_path / "shared/meta")
+    images, rejected, result = scan_rows(tmp_path)
+    image = images["train/1_x/a.png"]
+    assert (image["caption"], image["multiply"]) == (caption, multiply)
+    assert rejected == {} and result.warnings == []
+
+
 def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
     return {
         str(path.relative_to(root)): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)

@@ -46,3 +46,29 @@ def test_io_error_names_the_file(tmp_path, monkeypatch):
     with pytest.raises(KilnError, match=r"t.parquet: could not write \(\[Errno 28\] No space left on device\)"):
         write_table(ROWS, SCHEMA, tmp_path / "t.parquet")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda data: b"", "Parquet file size is 0 bytes"),
+        (lambda data: data[: len(data) // 2], "Parquet magic bytes not found in footer"),
+        # A damaged page header: pyarrow raises an OSError that names no file.
+        (lambda data: data[:4] + bytes(40) + data[44:], "Couldn't deserialize thrift"),
+    ],
+    ids=["zero-bytes", "truncated", "damaged-page"],
+)
+def test_a_damaged_table_is_one_line_naming_the_file_and_who_writes_it(tmp_path, damage, reason):
+    from pipeline.tables import DamagedTable
+
+    path = tmp_path / "keys.parquet"
+    write_table(ROWS, SCHEMA, path)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(DamagedTable) as raised:
+        read_table(path, written_by="cache")
+    message = str(raised.value)
+    assert message.startswith(f"{path}: damaged, not a readable Parquet file (")
+    assert reason in message and message.endswith("); rerun `kiln cache`") and "\n" not in message
+    assert str(path) not in message[len(str(path)) :]  # pyarrow's own copy of the path is dropped
+    with pytest.raises(DamagedTable, match=r"; rerun the stage that writes it$"):
+        read_table(path)

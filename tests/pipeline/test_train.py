@@ -2,6 +2,7 @@
 shape (LoRA, SDXL, full, single-file bases), the golden loss curve, every technique, rectified flow."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from pipeline.checkpoints import checkpoints
+from pipeline.errors import KilnError
 from pipeline.params import validate_params
 from pipeline.train import run
 from tests.conftest import params_for, prepared, train_paths, with_model
@@ -261,3 +264,42 @@ def test_rectified_flow_with_reflow_trains_on_its_own_pairs(sd15, tmp_path, capl
     assert metadata["ss_min_timestep"] == "0" and metadata["ss_max_timestep"] == "1000"
 
 
+
+
+def poisoned_losses(monkeypatch, bad_calls: set[int]) -> None:
+    """TrainingStep.loss returns a NaN loss on the given (0-based) calls, as an overflow would."""
+    import dataclasses
+
+    from pipeline.step import TrainingStep
+
+    real_loss, calls = TrainingStep.loss, iter(range(10**6))
+
+    def loss(self, *args, **kwargs):
+        output = real_loss(self, *args, **kwargs)
+        return dataclasses.replace(output, loss=output.loss * float("nan")) if next(calls) in bad_calls else output
+
+    monkeypatch.setattr(TrainingStep, "loss", loss)
+
+
+def test_a_nan_loss_skips_its_step_and_changes_no_weight(sd15, tmp_path, monkeypatch, caplog):
+    project, plan = sd15
+    poisoned_losses(monkeypatch, {1})
+    result = run(params_for("tiny-sd15", max_train_steps=4), train_paths(project, plan, tmp_path))
+    assert result.nonfinite_steps == 1 and result.global_step == 4 and len(result.losses) == 4
+    assert all(math.isfinite(loss) for loss in result.losses)
+    assert all(torch.isfinite(tensor).all() for tensor in load_file(str(result.output)).values())
+    assert "NaN or inf loss or gradients after step 1; that step was skipped (1 in a row)" in caplog.text
+
+
+def test_nan_losses_in_a_row_stop_with_a_clear_error(sd15, tmp_path, monkeypatch):
+    project, plan = sd15
+    poisoned_losses(monkeypatch, set(range(2, 100)))
+    settings = params_for("tiny-sd15", max_train_steps=6, save_every_n_steps=1, max_nonfinite_steps=3)
+    expected = (
+        r"^train: the loss or gradients were NaN or inf for 3 steps in a row after step 2 \(train.max_nonfinite_steps\); "
+        r"stopped, keeping the checkpoints in .*checkpoints\. Lower train.learning_rate"
+    )
+    with pytest.raises(KilnError, match=expected):
+        run(settings, train_paths(project, plan, tmp_path))
+    saved = checkpoints(tmp_path / "kiln" / "checkpoints")
+    assert [json.loads((path / "state.json").read_text())["global_step"] for path in saved] == [1, 2]

@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.tables import read_table
 from stages.cli import app
+from tests.conftest import write_image
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -61,7 +63,7 @@ def test_misspelt_set_key_fails_before_work_with_one_line_and_no_traceback(proje
     result = runner.invoke(app, ["scan", "--set", "scan.min_sid=10"])
     assert result.exit_code == 2
     output = plain(result.output)
-    assert "error: --set: scan.min_sid: unknown key in section 'scan'; did you mean 'min_side'?" in output
+    assert "error: --set scan.min_sid=10: scan.min_sid: unknown key in section 'scan'; did you mean 'min_side'?" in output
     assert "Traceback" not in output
     assert not (project / "data/scan").exists()
 
@@ -136,3 +138,61 @@ def test_missing_caption_model_is_one_clear_line(project):
     result = runner.invoke(app, ["caption", "--set", "caption.model=/nowhere/blip"])
     assert result.exit_code == 2
     assert "error: caption.model: '/nowhere/blip' is not a folder" in plain(result.output)
+
+
+@pytest.fixture
+def one_image(project):
+    """One 256x256 image (65,536 pixels), scanned and bucketed."""
+    write_image(project / "data/raw/train/1_x/a.png", size=(256, 256))
+    for stage in ("scan", "bucket"):
+        assert runner.invoke(app, [stage]).exit_code == 0
+    return project
+
+
+@pytest.mark.parametrize(
+    ("stage", "done"),
+    [
+        ("caption", "caption: 1 images; 1 with a model caption (1 generated now, 0 from the cache)"),
+        ("tag", "tag: 1 images tagged (1 now, 0 from the cache)"),
+        ("cache", "cache: 1 encoded, 0 reused, 0 repaired, 0 garbage"),
+    ],
+)
+def test_image_stages_open_images_under_scan_max_pixels_only(one_image, monkeypatch, stage, done):
+    refused = runner.invoke(app, [stage, "--set", "scan.max_pixels=1000"])
+    # Pillow refuses outright past twice its limit, and only warns between the two.
+    assert (
+        "  failed train/1_x/a.png: cannot read image (DecompressionBombError: Image size (65536 pixels) exceeds "
+        "limit of 2000 pixels, could be decompression bomb DOS attack.)"
+    ) in plain(refused.output).splitlines()
+    # Pillow's own limit lowered under the image: only scan.max_pixels, which scan accepted it under,
+    # lets the stage open it.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    opened = runner.invoke(app, [stage])
+    assert opened.exit_code == 0, opened.output
+    assert done in plain(opened.output)
+
+
+def test_cache_names_the_images_it_could_not_encode_exits_non_zero_and_balance_says_what_helps(project):
+    runner.invoke(app, ["demo-data"])
+    runner.invoke(app, ["scan"])
+    runner.invoke(app, ["bucket", "--set", "bucket.resolution=256", "--set", "bucket.min_bucket_reso=128"])
+    Path("data/raw/reg/1_shape/shape_01.png").write_bytes(b"edited after the scan")
+    cache = runner.invoke(app, ["cache"])
+    assert cache.exit_code == 2
+    output = plain(cache.output)
+    assert (
+        "failed reg/1_shape/shape_01.png: cannot read image (KilnError: data/raw/reg/1_shape/shape_01.png changed "
+        "since `kiln scan`; rerun `kiln scan`)" in output
+    )
+    assert (
+        "error: 1 of 23 latents could not be encoded (named above); the others are stored. Fix or remove those "
+        "images, then rerun from `kiln scan`\n" in output
+    )
+    assert "Traceback" not in output
+    assert len(read_table(project / "data/latents/manifest.parquet")) == 22
+    balance = runner.invoke(app, ["balance"])
+    assert balance.exit_code == 2
+    assert plain(balance.output).endswith(
+        "error: reg/1_shape/shape_01.png: `kiln cache` could not encode this image (it printed why); fix or remove "
+        "it, then rerun from `kiln scan`\n"
+    )

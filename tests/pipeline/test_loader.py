@@ -214,6 +214,19 @@ def test_streaming_loader_for_remote_shards(demo):
         assert not set(zero._shards(bucket)) & set(one._shards(bucket))
 
 
+def test_a_damaged_index_or_plan_is_named_with_the_stage_to_rerun(demo, tmp_path):
+    project, plan = demo
+    store = tmp_path / "latents"
+    shutil.copytree(project.paths.store, store)
+    (store / "index.parquet").write_bytes(b"")
+    with pytest.raises(KilnError, match=rf"^{store}/index\.parquet: damaged, not a readable Parquet file \(.*\); rerun `kiln cache`$"):
+        LatentLoader(plan, store, TrainParams(workers=0))
+    broken_plan = tmp_path / "plan.parquet"
+    broken_plan.write_bytes(plan.read_bytes()[:-50])
+    with pytest.raises(KilnError, match=rf"^{broken_plan}: damaged, not a readable Parquet file \(.*\); rerun `kiln balance`$"):
+        LatentLoader(broken_plan, project.paths.store, TrainParams(workers=0))
+
+
 def test_streaming_loader_names_a_corrupt_shard(demo, tmp_path):
     from pipeline.loader import StreamingLatentLoader
 

@@ -197,6 +197,14 @@ def test_a_queued_sweep_reuses_every_store_and_reruns_only_train(project: Path):
     header = lines[1].split()
     assert {"final_loss", "best_loss", "train.learning_rate"} <= set(header), table
     assert all(any(value in line for line in lines) for value in ("0.0005", "5e-05", "2e-05")), table
+    # The loss curves of all three, side by side (README: dvc plots diff $(dvc exp ls --name-only)).
+    names = dvc(project, "exp", "ls", "--name-only").split()
+    assert len(names) == 3
+    plots = dvc(project, "plots", "diff", *names, "--json")
+    data = json.loads(plots[plots.index("{"):])
+    (loss,) = [entries for path, entries in data["data"].items() if path.endswith("loss.tsv")]
+    revisions = {point["rev"] for entry in loss for point in entry["content"]["data"]["values"]}
+    assert set(names) <= revisions, plots[:3000]
 
 
 def test_push_then_pull_on_a_fresh_clone_reruns_nothing(project: Path, tmp_path: Path):

@@ -18,11 +18,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The time stamps in the trained files (ss_training_*_at, modelspec.date) are SOURCE_DATE_EPOCH's when it
+# is set (reproducible-builds.org), so the demo's outputs are byte-identical to the md5s in dvc.lock. A fixed
+# value, not the commit time: dvc.lock records the LoRA's md5, and committing dvc.lock changes the commit
+# time. 1980-01-01 (Nix's default), not 0: zip-based tools refuse times before 1980.
+DEMO_SOURCE_DATE_EPOCH := 315532800
+
 # data/raw is tracked by DVC (data/raw.dvc), so queued experiments and other clones get it from DVC.
 demo: venv
 	$(BIN)/kiln demo-data
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc add --quiet data/raw
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	SOURCE_DATE_EPOCH=$(DEMO_SOURCE_DATE_EPOCH) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # pytest exits 5 when it collected no test: that is a failure, never a pass.
 PYTEST = $(BIN)/python -m pytest --durations=15

@@ -294,10 +294,11 @@ class Checkpointer:
 
     def __init__(
         self, root: Path, trainable: list[torch.nn.Parameter], optimizer: Any, scheduler: Any, loader: Any,
-        ema: Any, keep_last: int, run: RunIdentity, is_main: bool = True,
+        ema: Any, keep_last: int, run: RunIdentity, is_main: bool = True, started_at: float | None = None,
     ):
         self.root, self.trainable, self.optimizer, self.scheduler = root, trainable, optimizer, scheduler
         self.loader, self.ema, self.keep_last, self.run, self.is_main = loader, ema, keep_last, run, is_main
+        self.started_at = started_at  # unix time the run first started: a resumed run keeps it (its metadata says so)
         if is_main:
             root.mkdir(parents=True, exist_ok=True)  # a declared output, even before the first save
 
@@ -306,7 +307,8 @@ class Checkpointer:
             return self.root / name
         return save_checkpoint(
             self.root, name, self.trainable, self.optimizer, self.scheduler,
-            {"global_step": global_step, "loader": self.loader.state_dict(), "run": {"id": self.run.id, "values": self.run.values}},
+            {"global_step": global_step, "loader": self.loader.state_dict(), "run": {"id": self.run.id, "values": self.run.values},
+             "started_at": self.started_at},
             keep_last=self.keep_last,
             extra_weights={"ema": self.ema.state_dict()} if self.ema is not None else None,
         )
@@ -322,6 +324,7 @@ class Checkpointer:
         if state["loader"]["seed"] != seed:
             raise KilnError(f"{source}: saved with train.seed={state['loader']['seed']}, but this run has {seed}")
         self.loader.load_state_dict(state["loader"])
+        self.started_at = state.get("started_at") or self.started_at  # older checkpoints did not record it
         if self.ema is not None and (source / "ema.safetensors").is_file():
             self.ema.load(source / "ema.safetensors")
         log.info("resumed from %s at step %d", source, state["global_step"])

@@ -3,6 +3,11 @@
 A kohya key is `lora_unet_` / `lora_te_` (SDXL: `lora_te1_`, `lora_te2_`) plus the module path with dots
 turned into underscores, then `.lora_down.weight`, `.lora_up.weight` and `.alpha`. The strength is
 alpha / dim, as in kohya's networks.lora.
+
+The module path is the one in the model kohya trains. For SD 1.x/2.x that is diffusers' own
+(`lora_unet_down_blocks_0_attentions_0_...`); for SDXL it is the original SGM layout
+(`lora_unet_input_blocks_4_1_...`, `middle_block`, `output_blocks`), because sdxl_train_network trains
+its own copy of that UNet. kohya's sdxl_merge_lora.py and A1111 look SDXL modules up by those names only.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from typing import Any
 
 import torch
 
-from pipeline.weights import save_safetensors
+from pipeline.single_file import unet_key_to_original
+from pipeline.tables import honour_umask
+from pipeline.weights import canonical_header, save_safetensors
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 UNET_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
@@ -60,16 +67,25 @@ def _module_paths(model: Any) -> dict[str, Any]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
+def kohya_module_name(prefix: str, path: str, model: Any) -> str:
+    """kohya's name for the module at `path` (a module path in `model`, diffusers' or transformers' names)."""
+    if prefix == "lora_unet" and model.config.get("addition_embed_type") == "text_time":
+        # SDXL's UNet (text_time conditioning): kohya names it as the single file does. A module's name
+        # there is its weight's, less `.weight`.
+        path = unet_key_to_original(f"{path}.weight", model.config).removesuffix(".weight")
+    elif prefix.startswith("lora_te") and not path.startswith("text_model."):
+        # transformers 5 moved CLIP's layers from text_model.encoder to encoder; kohya's keys (and every
+        # tool that reads them) keep the text_model_ path.
+        path = f"text_model.{path}"
+    return f"{prefix}_{path.replace('.', '_')}"
+
+
 def kohya_state_dict(networks: list[tuple[str, Any]], alpha: float, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """networks: (kohya prefix, model with a LoRA adapter), e.g. ("lora_unet", unet), ("lora_te", text_encoder)."""
     state: dict[str, torch.Tensor] = {}
     for prefix, model in networks:
         for path, layer in sorted(_module_paths(model).items()):
-            if prefix.startswith("lora_te") and not path.startswith("text_model."):
-                # transformers 5 moved CLIP's layers from text_model.encoder to encoder; kohya's keys (and
-                # every tool that reads them) keep the text_model_ path.
-                path = f"text_model.{path}"
-            name = f"{prefix}_{path.replace('.', '_')}"
+            name = kohya_module_name(prefix, path, model)
             down = layer.lora_A[ADAPTER].weight
             up = layer.lora_B[ADAPTER].weight
             state[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
@@ -104,3 +120,8 @@ def save_diffusers_lora(folder: Path, unet: Any, text_encoders: list[Any], xl: b
         layers[f"{name}_lora_adapter_metadata"] = metadata(encoder)
     pipeline = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
     pipeline.save_lora_weights(str(folder), safe_serialization=True, **layers)
+    # diffusers writes through safetensors' own save_file: give its file what every Kiln file has, a sorted
+    # header (the same bytes for the same weights) and the user's umask (not safetensors' 0600).
+    saved = folder / "pytorch_lora_weights.safetensors"
+    canonical_header(saved)
+    honour_umask(saved)

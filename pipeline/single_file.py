@@ -22,7 +22,7 @@ import torch
 
 from pipeline.errors import KilnError
 from pipeline.sd import model_version
-from pipeline.weights import save_safetensors
+from pipeline.weights import canonical_clip_keys, save_safetensors
 
 RESNET_NAMES = {
     "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -41,12 +41,13 @@ OPEN_CLIP_LAYER_NAMES = {
 
 
 def _rename_resnet(rest: str) -> str:
-    name, _, tail = rest.partition(".")
-    return f"{RESNET_NAMES.get(name, name)}.{tail}"
+    name, dot, tail = rest.partition(".")
+    return f"{RESNET_NAMES.get(name, name)}{dot}{tail}"
 
 
-def unet_to_original(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
-    """UNet2DConditionModel keys to LDM's `input_blocks` / `middle_block` / `output_blocks` keys.
+def unet_key_to_original(key: str, config: Any) -> str:
+    """One UNet2DConditionModel key to its LDM name under `model.diffusion_model.` (`input_blocks` /
+    `middle_block` / `output_blocks`). kohya's SDXL LoRA names are these too (lora.kohya_module_name).
 
     A down block holds `layers_per_block` resnets (+ attentions) and a downsampler; LDM numbers them
     consecutively after `input_blocks.0` (conv_in). An up block holds one resnet more; its upsampler
@@ -57,32 +58,32 @@ def unet_to_original(state: dict[str, torch.Tensor], config: Any) -> dict[str, t
         raise KilnError(f"unet layers_per_block={per_block!r}: only the Stable Diffusion layout (one int) converts to a single file")
     up_has_attention = ["CrossAttn" in name for name in config["up_block_types"]]
     span = per_block + 1
-    converted = {}
-    for key, value in state.items():
-        if match := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            block, kind, layer, rest = int(match[1]), match[2], int(match[3]), match[4]
-            index = span * block + layer + 1
-            new = f"input_blocks.{index}.0.{_rename_resnet(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
-        elif match := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-            new = f"input_blocks.{span * (int(match[1]) + 1)}.0.op.{match[2]}"
-        elif match := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
-            new = f"middle_block.{2 * int(match[1])}.{_rename_resnet(match[2])}"
-        elif match := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-            new = f"middle_block.1.{match[1]}"
-        elif match := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            block, kind, layer, rest = int(match[1]), match[2], int(match[3]), match[4]
-            index = span * block + layer
-            new = f"output_blocks.{index}.0.{_rename_resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
-        elif match := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-            block = int(match[1])
-            new = f"output_blocks.{span * block + per_block}.{2 if up_has_attention[block] else 1}.conv.{match[2]}"
-        else:
-            prefix, _, tail = key.rpartition(".")
-            if prefix not in UNET_TOP:
-                raise KilnError(f"unet: no single-file name for '{key}' (not a Stable Diffusion UNet?)")
-            new = f"{UNET_TOP[prefix]}.{tail}"
-        converted[f"model.diffusion_model.{new}"] = value
-    return converted
+    if match := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block, kind, layer, rest = int(match[1]), match[2], int(match[3]), match[4]
+        index = span * block + layer + 1
+        return f"input_blocks.{index}.0.{_rename_resnet(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
+    if match := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{span * (int(match[1]) + 1)}.0.op.{match[2]}"
+    if match := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"middle_block.{2 * int(match[1])}.{_rename_resnet(match[2])}"
+    if match := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{match[1]}"
+    if match := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block, kind, layer, rest = int(match[1]), match[2], int(match[3]), match[4]
+        index = span * block + layer
+        return f"output_blocks.{index}.0.{_rename_resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
+    if match := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        block = int(match[1])
+        return f"output_blocks.{span * block + per_block}.{2 if up_has_attention[block] else 1}.conv.{match[2]}"
+    prefix, _, tail = key.rpartition(".")
+    if prefix not in UNET_TOP:
+        raise KilnError(f"unet: no single-file name for '{key}' (not a Stable Diffusion UNet?)")
+    return f"{UNET_TOP[prefix]}.{tail}"
+
+
+def unet_to_original(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """UNet2DConditionModel keys to LDM's `input_blocks` / `middle_block` / `output_blocks` keys."""
+    return {f"model.diffusion_model.{unet_key_to_original(key, config)}": value for key, value in state.items()}
 
 
 def vae_to_original(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
@@ -144,16 +145,6 @@ def open_clip_to_original(state: dict[str, torch.Tensor], prefix: str) -> dict[s
     return converted
 
 
-def _canonical_clip_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`text_model.`-prefixed names, as checkpoints store them (some transformers versions drop the prefix
-    from CLIPTextModel's state_dict); the position_ids buffer is not a weight."""
-    return {
-        key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}": value
-        for key, value in state.items()
-        if not key.endswith("position_ids")
-    }
-
-
 def original_state_dict(family: str, unet: Any, vae: Any, text_encoders: list[Any]) -> dict[str, torch.Tensor]:
     """The whole checkpoint in the original layout, for SD 1.x, SD 2.x (OpenCLIP ViT-H) or SDXL."""
     def weights(module: Any) -> dict[str, torch.Tensor]:
@@ -169,7 +160,7 @@ def original_state_dict(family: str, unet: Any, vae: Any, text_encoders: list[An
     else:
         encoders = [(clip_to_original, "cond_stage_model.transformer.")]
     for (convert, prefix), encoder in zip(encoders, text_encoders, strict=True):
-        state.update(convert(_canonical_clip_keys(weights(encoder)), prefix))
+        state.update(convert(canonical_clip_keys(weights(encoder)), prefix))
     return state
 
 

@@ -2,7 +2,8 @@
 
 DVC stops a `repro` early when a stage's outputs hash as before, so identical inputs must give
 identical bytes: explicit schemas, sorted rows, no timestamps, and atomic replacement so that a killed
-stage never leaves half a file behind.
+stage never leaves half a file behind. Every file Kiln writes gets the mode the user's umask gives
+(`honour_umask`), so that a UI or a container running as another user can read it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,28 @@ import pyarrow.parquet as pq
 from pipeline.errors import KilnError
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it. Linux (4.7 on) reports it in /proc/self/status; a
+    read at import would miss a later os.umask. Elsewhere the only way is to set it and restore it, which
+    is racy: the strict 0o077 makes a file another thread creates in between private, never exposed."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
+def honour_umask(path: Path) -> None:
+    """Give a written file the mode a plain open() would have given it, 0o666 less the umask. mkstemp and
+    safetensors 0.8 create files 0600 whatever the umask, which a UI or a container running as another
+    user cannot read."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -27,6 +50,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        honour_umask(tmp)  # before the rename, so the file never appears with mkstemp's 0600
         os.replace(tmp, path)
     except OSError as exc:
         # pyarrow's I/O errors rarely carry the file name; a user with a full disk needs it.

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from pipeline.errors import KilnError
 from pipeline.flow import RectifiedFlowObjective, check_rectified_flow, reflow
 from pipeline.interrupts import StopRequest, stop_on_signals
 from pipeline.latents import LatentStore, is_remote
-from pipeline.loader import make_loader
+from pipeline.loader import make_loader, trained_rows
 from pipeline.lora import TEXT_ENCODER, UNET_ATTENTION, UNET_FEED_FORWARD, add_lora
 from pipeline.losses import LossSettings
 from pipeline.monitor import RunLogger, Throughput, draw_loss_curve, lora_block_magnitudes, write_timesteps
@@ -35,7 +36,7 @@ from pipeline.objective import DiffusionObjective, Objective
 from pipeline.optim import build_optimizer, build_scheduler, check_optimizer_args, optimizer_class, scaled_lr
 from pipeline.params import Params, TrainParams, declared_values, load_params
 from pipeline.samples import Sampler
-from pipeline.saving import RunSummary, save_outputs, training_metadata
+from pipeline.saving import RunSummary, run_times, save_outputs, training_metadata
 from pipeline.sd import SDComponents, load_components, set_attention
 from pipeline.step import StepOutput, TrainingStep
 from pipeline.tables import read_table, write_json
@@ -43,10 +44,10 @@ from pipeline.validation import Validator, held_out
 
 log = logging.getLogger(__name__)
 
-# The params the train stage's outputs depend on (the metadata records bucket.resolution and
-# balance.prior_loss_weight; samples and the single file use cache.vae's VAE). dvc.yaml declares exactly
+# The params the train stage's outputs depend on (the metadata records balance.prior_loss_weight; samples
+# and the single file use cache.vae's VAE; the trained resolution comes from the plan, not bucket.resolution). dvc.yaml declares exactly
 # these (tests/test_dvc_yaml.py checks it), and the run's params hash covers exactly these.
-PARAMS = ("model", "train", "bucket.resolution", "balance.prior_loss_weight", "cache.vae")
+PARAMS = ("model", "train", "balance.prior_loss_weight", "cache.vae")
 
 # Declared keys that change what is logged, drawn or written, but not the trained weights: a run with
 # only these changed is the same run, and resumes its checkpoints.
@@ -55,7 +56,7 @@ NOT_WEIGHTS = frozenset({
     "train.save_last_n", "train.sample_prompts", "train.sample_every_n_steps", "train.sample_every_n_epochs",
     "train.validate_every", "train.workers", "train.write_schedule", "train.save_precision",
     "train.save_diffusers_lora", "train.output_name", "train.ema_sample_ema_model", "train.ema_sample_nonema_model",
-    "bucket.resolution", "balance.prior_loss_weight", "cache.vae",
+    "balance.prior_loss_weight", "cache.vae",
 })
 
 # What EveryDream2's load_settings_every_epoch may change mid-run (those Kiln defines).
@@ -231,10 +232,11 @@ def reload_settings(current: TrainParams, params_file: Path, overrides: tuple[st
     return current.model_copy(update=applied)
 
 
-def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_frequency: dict[str, Any] | None = None) -> TrainResult:
+def run(params: Params, paths: TrainPaths, resume: str | None = None) -> TrainResult:
     from accelerate import Accelerator
 
     # --- run identity, resume source and seed: a run resumes only its own checkpoints ---------------
+    started_at = time.time()  # the metadata's ss_training_started_at; a resumed run keeps its first (checkpoints)
     run_dir = paths.run_dir(params.train.output_name)
     # Before the model loads (the slow part): optimizer_args the optimizer would refuse at its first use.
     check_optimizer_args(optimizer_class(params.train.optimizer), params.train.optimizer_args)
@@ -268,7 +270,8 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
             f"{paths.plan}: an epoch has no batches for this process at train.batch_size={cfg.batch_size} "
             f"(bucket_remainder={cfg.bucket_remainder}); lower batch_size or use bucket_remainder: fill"
         )
-    total_steps = cfg.max_train_steps or max(1, len(loader) // cfg.grad_accum) * cfg.max_epochs
+    steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
+    total_steps = cfg.max_train_steps or steps_per_epoch * cfg.max_epochs
 
     # --- optimizer and schedule ------------------------------------------------------------------
     optimizer = build_optimizer(cfg.optimizer, network.groups, cfg.learning_rate, dict(cfg.optimizer_args))
@@ -300,7 +303,7 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     ema = build_ema(cfg, network.trainable, total_steps)
     checkpointer = Checkpointer(
         run_dir / "checkpoints", network.trainable, optimizer, scheduler, loader, ema, cfg.save_last_n, identity,
-        accelerator.is_main_process,
+        accelerator.is_main_process, started_at,
     )
     global_step = checkpointer.restore(source, cfg.seed) if source is not None else 0
 
@@ -324,14 +327,16 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None, tag_freque
     if training.throughput.other_seconds:
         log.info("outside the training steps: %s", ", ".join(f"{k} {v:.1f} s" for k, v in sorted(training.throughput.other_seconds.items())))
     if accelerator.is_main_process:
+        started, finished = run_times(checkpointer.started_at)
         summary = RunSummary(
-            components.version, components.prediction_type,
-            train_images=sum(not row["is_reg"] and row["image_id"] not in holdout for row in plan),
-            reg_images=sum(row["is_reg"] and row["repeats"] > 0 for row in plan),
-            tag_frequency=tag_frequency or {}, ema_decay=ema.decay if ema is not None else None,
+            components.version, components.prediction_type, rows=trained_rows(plan, holdout),
+            ema_decay=ema.decay if ema is not None else None, max_train_steps=total_steps,
+            num_epochs=math.ceil(total_steps / steps_per_epoch), num_processes=accelerator.num_processes,
+            run_id=identity.id, started_at=started, finished_at=finished,
         )
         resolved = hashlib.sha256(json.dumps(declared_values(params, PARAMS), sort_keys=True).encode()).hexdigest()
-        metadata = training_metadata(params, summary, result.global_step, loader.epoch, resolved)
+        # The loop stops inside the epoch of its last step: loader.epoch is that epoch, 0-based.
+        metadata = training_metadata(params, summary, result.global_step, loader.epoch + 1, resolved)
         result.output = save_outputs(
             run_dir, cfg, components, accelerator.unwrap_model(unet), network.lora_text_encoders, lambda: sampler.vae, ema, metadata,
         )

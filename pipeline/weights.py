@@ -4,6 +4,8 @@ safetensors keeps its header's maps (the metadata and the tensor index) in hash 
 the same tensors and metadata differ byte for byte. DVC's "only changed steps rerun" needs identical
 bytes for identical inputs, so the header is rewritten with sorted keys. The compact JSON of the same
 content has the same length, so the data offsets, which count from the end of the header, do not move.
+
+Text encoders are written with transformers 4's CLIP key names, which every tool that reads them expects.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
+
+from pipeline.tables import honour_umask, write_json
 
 
 def canonical_header(path: Path) -> None:
@@ -37,7 +43,34 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         canonical_header(tmp)
+        honour_umask(tmp)  # safetensors 0.8 creates its files 0600 whatever the umask
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def canonical_clip_keys(state: dict[str, Any]) -> dict[str, Any]:
+    """`text_model.`-prefixed names, as checkpoints store them (some transformers versions drop the prefix
+    from CLIPTextModel's state_dict); the position_ids buffer is not a weight. Works on a weight_map too."""
+    return {
+        key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}": value
+        for key, value in state.items()
+        if not key.endswith("position_ids")
+    }
+
+
+def canonical_clip_folder(folder: Path) -> None:
+    """Rewrite a saved CLIP text encoder (its safetensors files, sharded or not, and any shard index) with
+    transformers 4's key names. transformers 5 saves CLIPTextModel without the `text_model.` prefix, and
+    transformers 4, kohya's pinned stack and ComfyUI's CLIP loader then load a random text encoder with only
+    a warning; transformers 5 itself reads either layout."""
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            metadata = handle.metadata()
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        save_safetensors(canonical_clip_keys(tensors), file, metadata)
+    for index in sorted(folder.glob("*.safetensors.index*.json")):  # model.safetensors.index.json, and variants'
+        content = json.loads(index.read_text(encoding="utf-8"))
+        content["weight_map"] = canonical_clip_keys(content["weight_map"])
+        write_json(content, index)

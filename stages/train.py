@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -28,17 +27,13 @@ def main(
     plan: Annotated[Path, typer.Option(help="The balance stage's plan.")] = Path("data/plan/plan.parquet"),
     latents: Annotated[str, typer.Option(help="The latent store: a folder, or a shard URL prefix (s3://...).")] = "data/latents",
     index: Annotated[Path, typer.Option(help="The latent index.")] = Path("data/latents/index.parquet"),
-    tag_frequency: Annotated[Path, typer.Option(help="Written into the LoRA as ss_tag_frequency.")] = Path(
-        "data/tag/tag_frequency.json"
-    ),
     models: Annotated[Path, typer.Option(help="Where models/<output_name>/ goes.")] = Path("models"),
 ) -> None:
     """Train a LoRA (kohya key format, ss_* metadata) with accelerate; Ctrl-C or SIGTERM saves a
     checkpoint that `kiln train` (or `dvc repro`) continues exactly. Several GPUs: `accelerate launch -m stages.train`."""
     loaded = load(params, overrides)
-    frequency = json.loads(tag_frequency.read_text()) if tag_frequency.is_file() else {}
     paths = train.TrainPaths(plan, latents, index, models, params, tuple(overrides or ()))
-    result = train.run(loaded, paths, resume=resume, tag_frequency=frequency)
+    result = train.run(loaded, paths, resume=resume)
     if result.output:
         last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
         console.print(f"train: {result.global_step} steps, last loss {last}; wrote {result.output}")

@@ -1,4 +1,8 @@
+import contextlib
 import json
+import os
+import pathlib
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pytest
@@ -72,3 +76,38 @@ def test_a_damaged_table_is_one_line_naming_the_file_and_who_writes_it(tmp_path,
     assert str(path) not in message[len(str(path)) :]  # pyarrow's own copy of the path is dropped
     with pytest.raises(DamagedTable, match=r"; rerun the stage that writes it$"):
         read_table(path)
+
+
+@contextlib.contextmanager
+def umask(value: int) -> Iterator[None]:
+    """The process umask set to `value` within the block (shared by the tests of every writer)."""
+    previous = os.umask(value)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o027, 0o640)])
+def test_tables_and_json_get_the_mode_the_umask_gives(tmp_path, mask, mode):
+    # mkstemp alone would leave both 0o600 whatever the umask: unreadable to a UI running as another user.
+    with umask(mask):
+        write_table(ROWS, SCHEMA, tmp_path / "t.parquet")
+        write_json({"a": 1}, tmp_path / "s.json")
+    assert {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()} == {"t.parquet": mode, "s.json": mode}
+
+
+def test_the_umask_is_honoured_and_kept_where_proc_cannot_tell_it(tmp_path, monkeypatch):
+    # macOS and Windows have no /proc: the umask is read by setting and restoring it.
+    real_read_text = pathlib.Path.read_text
+
+    def no_proc(self, *args, **kwargs):
+        if str(self) == "/proc/self/status":
+            raise FileNotFoundError(str(self))
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", no_proc)
+    with umask(0o027):
+        write_json({"a": 1}, tmp_path / "s.json")
+        assert os.umask(0o027) == 0o027  # still the user's
+    assert (tmp_path / "s.json").stat().st_mode & 0o777 == 0o640

@@ -83,7 +83,7 @@ def test_sigterm_saves_a_resumable_checkpoint(sd15, tmp_path):
     command = [
         sys.executable, "-m", "stages.train", "--params", str(params_file), "--plan", str(plan),
         "--latents", str(project.paths.store), "--index", str(project.paths.store / "index.parquet"),
-        "--models", str(tmp_path / "models"), "--tag-frequency", str(tmp_path / "none.json"),
+        "--models", str(tmp_path / "models"),
     ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # The trainer logs this line once its handlers are in place; no sleep, however busy the machine.

@@ -115,7 +115,7 @@ def test_two_process_accelerate_launch(sd15, tmp_path):
             sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stages.train", "--params", str(params_file),
             "--plan", str(plan), "--latents", str(project.paths.store), "--index", str(project.paths.store / "index.parquet"),
-            "--models", str(tmp_path / "models"), "--tag-frequency", str(tmp_path / "none.json"),
+            "--models", str(tmp_path / "models"),
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.single_file import unet_key_to_original
 from pipeline.tables import honour_umask
-from pipeline.weights import canonical_header, save_safetensors
+from pipeline.weights import canonical_clip_name, canonical_header, save_safetensors
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 UNET_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
@@ -73,10 +73,8 @@ def kohya_module_name(prefix: str, path: str, model: Any) -> str:
         # SDXL's UNet (text_time conditioning): kohya names it as the single file does. A module's name
         # there is its weight's, less `.weight`.
         path = unet_key_to_original(f"{path}.weight", model.config).removesuffix(".weight")
-    elif prefix.startswith("lora_te") and not path.startswith("text_model."):
-        # transformers 5 moved CLIP's layers from text_model.encoder to encoder; kohya's keys (and every
-        # tool that reads them) keep the text_model_ path.
-        path = f"text_model.{path}"
+    elif prefix.startswith("lora_te"):
+        path = canonical_clip_name(path)  # kohya's keys, and every tool that reads them, keep text_model_
     return f"{prefix}_{path.replace('.', '_')}"
 
 

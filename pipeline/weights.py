@@ -50,14 +50,15 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     return path
 
 
+def canonical_clip_name(key: str) -> str:
+    """A CLIP text encoder's weight or module name as checkpoints, kohya and transformers 4 spell it:
+    `text_model.`-prefixed (transformers 5 drops the prefix from CLIPTextModel's names)."""
+    return key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}"
+
+
 def canonical_clip_keys(state: dict[str, Any]) -> dict[str, Any]:
-    """`text_model.`-prefixed names, as checkpoints store them (some transformers versions drop the prefix
-    from CLIPTextModel's state_dict); the position_ids buffer is not a weight. Works on a weight_map too."""
-    return {
-        key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}": value
-        for key, value in state.items()
-        if not key.endswith("position_ids")
-    }
+    """canonical_clip_name for every key; the position_ids buffer is not a weight. Works on a weight_map too."""
+    return {canonical_clip_name(key): value for key, value in state.items() if not key.endswith("position_ids")}
 
 
 def canonical_clip_folder(folder: Path) -> None:

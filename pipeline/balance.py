@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import string
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,14 @@ class BalanceResult:
     summary: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
 
+    def examples(self, count: int = 3) -> list[tuple[str, str]]:
+        """(path, final caption) of a few images that train, one per concept folder first (by path), so
+        the console shows what the model will read before a GPU hour is spent on it."""
+        training = sorted((row for row in self.rows if row["repeats"] > 0), key=lambda row: row["path"])
+        firsts = list({row["subset"]: row for row in reversed(training)}.values())[::-1]
+        rest = [row for row in training if row not in firsts]
+        return [(row["path"], row["caption"]) for row in (firsts + rest)[:count]]
+
 
 def balance_reg_repeats(reg_repeats: list[float], target: float) -> tuple[list[float], int]:
     """kohya's DreamBooth reg loop: register each reg image (in order) with its own repeats until the
@@ -93,16 +102,37 @@ def balance_reg_repeats(reg_repeats: list[float], target: float) -> tuple[list[f
     return balanced, sum(1 for repeats in balanced if repeats == 0)
 
 
+def _phrases(text: str) -> list[str]:
+    return [phrase.strip() for phrase in text.split(",") if phrase.strip()]
+
+
 def compose_caption(caption: str, tags: list[str], class_tokens: str, cfg: BalanceParams) -> str:
-    """Template, prefix and suffix; repeated comma-separated parts dropped; empty -> the class tokens."""
-    text = cfg.caption_template.format(caption=caption or "", tags=", ".join(tags), class_tokens=class_tokens or "")
-    parts = [cfg.caption_prefix, text, cfg.caption_suffix]
-    seen, kept = set(), []
-    for part in (piece.strip() for chunk in parts for piece in chunk.split(",")):
-        if part and part not in seen:
-            seen.add(part)
-            kept.append(part)
-    return ", ".join(kept) or (class_tokens or "")
+    """The template filled in, then the prefix and suffix; empty -> the class tokens.
+
+    The caption is kept as written (kohya trains a sidecar caption as it is). A tag, the class tokens, the
+    prefix or the suffix whose every comma-separated phrase is already there is dropped, and so is the
+    separator in front of an empty field.
+    """
+    seen: set[str] = set()
+
+    def fresh(unit: str) -> str:
+        phrases = _phrases(unit)
+        if all(phrase in seen for phrase in phrases):
+            return ""
+        seen.update(phrases)
+        return unit.strip()
+
+    fields = {"caption": lambda: fresh(caption or ""), "class_tokens": lambda: fresh(class_tokens or ""),
+              "tags": lambda: ", ".join(kept for kept in (fresh(tag) for tag in tags) if kept)}
+    pieces: list[str] = []
+    for literal, name, _, _ in string.Formatter().parse(cfg.caption_template):
+        value = fields[name]() if name is not None else ""
+        # ", " before an empty field is dropped; other text ("photo of ") stays.
+        pieces.append(literal if value or literal.strip(", ") else "")
+        pieces.append(value)
+    text = "".join(pieces).strip(", ")
+    prefix, suffix = fresh(cfg.caption_prefix), fresh(cfg.caption_suffix)
+    return ", ".join(part for part in (prefix, text, suffix) if part) or (class_tokens or "")
 
 
 def _optional_table(path: Path | None, written_by: str) -> dict[str, dict[str, Any]]:

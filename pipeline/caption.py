@@ -3,6 +3,10 @@
 What kohya's finetune/make_captions.py does, as a stage that only runs new images: model captions are
 cached per (image_id, model identity, generation params), and the policy (`caption.mode`) and the
 normalisation are applied after the cache, so changing them never reruns the model.
+
+With no `caption.model` (the default) the stage runs no model: every caption passes through as scan read
+it. With one, only the captions the model writes or extends are normalised; a caption the model did not
+touch is kept byte for byte, as kohya trains a sidecar as it is.
 """
 
 from __future__ import annotations
@@ -49,6 +53,15 @@ class CaptionResult(CachedRun):
     rows: list[dict[str, Any]] = field(default_factory=list)
     model_captioned: int = 0
 
+    def sources(self) -> dict[str, tuple[int, str]]:
+        """Per caption source (sidecar, yaml, filename, class_tokens, model:<name>): how many images, and
+        the first one's caption (by image_id), for the console summary."""
+        found: dict[str, tuple[int, str]] = {}
+        for row in self.rows:
+            count, example = found.get(row["source"], (0, row["caption"]))
+            found[row["source"]] = (count + 1, example)
+        return dict(sorted(found.items()))
+
 
 def normalise(text: str, cfg: CaptionParams) -> str:
     """Strip, collapse whitespace, optionally lower-case, apply regex replacements, drop repeated phrases."""
@@ -68,8 +81,13 @@ def normalise(text: str, cfg: CaptionParams) -> str:
     return text
 
 
-def needs_model(row: dict[str, Any], mode: str) -> bool:
-    return mode != "missing" or row["caption_source"] not in USER_SOURCES
+def needs_model(row: dict[str, Any], cfg: CaptionParams) -> bool:
+    """The model captions this image: a model is set, the image is a train image (or caption.reg_images
+    asks for reg images too; kohya trains a reg image on its own caption, else its class tokens), and the
+    mode wants it (`missing` keeps the user's sidecar and yaml captions)."""
+    if cfg.model is None or (row["is_reg"] and not cfg.reg_images):
+        return False
+    return cfg.mode != "missing" or row["caption_source"] not in USER_SOURCES
 
 
 def combine(existing: str, generated: str, mode: str, separator: str) -> str:
@@ -117,11 +135,12 @@ def run(cfg: CaptionParams, paths: CaptionPaths, captioner_factory: Any = Captio
     if not paths.images.is_file():
         raise KilnError(f"{paths.images}: not found; run `kiln scan` first")
     images = sorted(read_table(paths.images, "scan"), key=lambda row: row["image_id"])
-    todo = [row for row in images if needs_model(row, cfg.mode)]
+    todo = [row for row in images if needs_model(row, cfg)]
     result = CaptionResult(cache={})
     generated: dict[str, str] = {}
     source = ""
     if todo:
+        assert cfg.model is not None  # needs_model is false for every image without one
         model = resolve_model(cfg.model, "caption.model")
         source = f"model:{model.name}"
         identity = fingerprint(model.folder)
@@ -140,12 +159,15 @@ def run(cfg: CaptionParams, paths: CaptionPaths, captioner_factory: Any = Captio
         result = CaptionResult(**vars(run_result))
         cache = result.cache
         generated = {row["image_id"]: cache[keys[row["image_id"]]]["caption"] for row in todo if keys[row["image_id"]] in cache}
+    elif not paths.cache.is_file():
+        # A declared, persistent output: kept (with its captions) while the model is off, made when new.
+        write_table([], CACHE_SCHEMA, paths.cache)
     for row in images:
         caption, row_source = row["caption"] or "", row["caption_source"]
         if row["image_id"] in generated:
-            caption = combine(caption, generated[row["image_id"]], cfg.mode, cfg.separator)
+            caption = normalise(combine(caption, generated[row["image_id"]], cfg.mode, cfg.separator), cfg)
             row_source = source
             result.model_captioned += 1
-        result.rows.append({"image_id": row["image_id"], "caption": normalise(caption, cfg), "source": row_source})
+        result.rows.append({"image_id": row["image_id"], "caption": caption, "source": row_source})
     write_table(result.rows, CAPTIONS_SCHEMA, paths.captions)
     return result

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.errors import KilnError
+
 COLOURS = {
     "red": (220, 40, 40),
     "blue": (40, 80, 220),
@@ -151,8 +153,24 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
+def foreign_files(out: Path, files: dict[str, bytes]) -> list[str]:
+    """Files under out that the demo did not write: any other name, or a demo name with other bytes."""
+    if not out.exists():
+        return []
+    found = sorted(path for path in out.rglob("*") if path.is_file() or path.is_symlink())
+    return [
+        path.relative_to(out).as_posix() for path in found
+        if path.relative_to(out).as_posix() not in files or path.is_symlink()
+        or path.read_bytes() != files[path.relative_to(out).as_posix()]
+    ]
+
+
 def write_demo_data(out: Path, seed: int = 0) -> dict[str, int]:
-    """Write the demo dataset under out (data/raw); returns counts of files written and unchanged."""
+    """Write the demo dataset under out (data/raw); returns counts of files written and unchanged.
+
+    Refuses, writing nothing, when out holds anything the demo did not write: a user who adds their own
+    images to data/raw and reruns `make demo` must not find 22 synthetic images trained beside them.
+    """
     written = unchanged = 0
     files: dict[str, bytes] = {}
     for index, spec in enumerate(IMAGES):
@@ -163,6 +181,14 @@ def write_demo_data(out: Path, seed: int = 0) -> dict[str, int]:
             files[str(Path(spec.rel).with_suffix(".yaml"))] = spec.yaml.encode()
     files.update({rel: text.encode() for rel, text in FOLDER_FILES.items()})
     files[MASKED.replace(".png", "-masklabel.png")] = _mask(next(s for s in IMAGES if s.rel == MASKED).size)
+    foreign = foreign_files(out, files)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise KilnError(
+            f"{out}: holds {len(foreign)} file(s) the demo did not write ({shown}); the demo writes only into an "
+            "empty folder or its own earlier output. Train your own images with `dvc repro` (scan.data_root), or "
+            "give the demo another folder with --out"
+        )
     for rel, data in sorted(files.items()):
         if _write_if_changed(out / rel, data):
             written += 1

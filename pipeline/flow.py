@@ -247,14 +247,12 @@ def generate_reflow_pairs(
     return pairs
 
 
-def reflow_sample_steps(reflow_sample_steps: int | None, sample_steps: int | None) -> int:
-    """Euler steps for reflow generation: train.reflow_sample_steps, else the sample_steps, else 50."""
+def reflow_sample_steps(reflow_sample_steps: int | None) -> int:
+    """Euler steps for reflow generation: train.reflow_sample_steps, else 50."""
     if reflow_sample_steps is not None:
         if reflow_sample_steps < 1:
             raise KilnError(f"train.reflow_sample_steps: must be at least 1, not {reflow_sample_steps}")
         return reflow_sample_steps
-    if sample_steps is not None and sample_steps >= 1:
-        return sample_steps
     return DEFAULT_REFLOW_SAMPLE_STEPS
 
 
@@ -271,7 +269,7 @@ def reflow(step: TrainingStep, loader: Any, optimizer: Any, cfg: TrainParams) ->
     The batches are borrowed: the loader is put back where it was, so the main loop starts where it
     would have. Reflow trains at the peak learning rate; warmup would otherwise start it at zero.
     """
-    steps = reflow_sample_steps(cfg.reflow_sample_steps, cfg.sample_steps)
+    steps = reflow_sample_steps(cfg.reflow_sample_steps)
     position = loader.state_dict()
     peak_lrs = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:

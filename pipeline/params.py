@@ -13,14 +13,16 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -143,8 +145,8 @@ def _aliases(*names: str) -> AliasChoices:
 class ModelParams(Section):
     SECTION: ClassVar[str] = "model"
 
-    base: str = "tiny-sd15"
-    """The base model: a diffusers folder, a single .safetensors/.ckpt file, a hub id (used only when it
+    base: str = Field("tiny-sd15", validation_alias=_aliases("base", "pretrained_model_name_or_path"))
+    """The base model (kohya `pretrained_model_name_or_path`): a diffusers folder, a single .safetensors/.ckpt file, a hub id (used only when it
     is already cached or reachable), or a built-in random preset (`tiny-sd15`, `tiny-sdxl`)."""
 
     config: str | None = None
@@ -169,6 +171,11 @@ IMAGE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 
 class ScanParams(Section):
     SECTION: ClassVar[str] = "scan"
+
+    data_root: str = "data/raw"
+    """The folder holding train/ and reg/, each of kohya concept folders (`train/10_sks dog/`): the one place
+    the dataset's location is set (dvc.yaml's scan dependency reads it too). A path relative to the project,
+    or absolute. kohya's `train_data_dir` is this folder's train/; EveryDream2's `data_root` is too."""
 
     require_repeats_prefix: bool = True
     """Concept folders must be named `<repeats>_<class tokens>` (kohya's convention). When true, a folder
@@ -311,6 +318,10 @@ class BucketParams(Section):
 class InferenceParams(Section):
     """Settings shared by the stages that run a model over every image (caption, tag)."""
 
+    reg_images: bool = False
+    """Also run the model on regularisation images. Off (kohya's behaviour): a reg image keeps its own
+    sidecar or yaml caption, else balance gives it its folder's class tokens."""
+
     batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE)
     """Images per model call. A batch that fails is retried image by image."""
 
@@ -358,9 +369,11 @@ class Replacement(CheckedModel):
 class CaptionParams(InferenceParams):
     SECTION: ClassVar[str] = "caption"
 
-    model: str = "Salesforce/blip-image-captioning-large"
-    """The captioner: a local folder, a hub id, or the built-in random preset `tiny-blip`. Any
-    transformers image-to-text model (BLIP, BLIP-2, GIT ...) loaded with AutoProcessor."""
+    model: str | None = None
+    """The captioner: a local folder or a hub id (e.g. `Salesforce/blip-image-captioning-large`); any
+    transformers image-to-text model (BLIP, BLIP-2, GIT ...) loaded with AutoProcessor. null (the default)
+    turns model captioning off: captions pass through from sidecars, yaml and folder names unchanged.
+    `tiny-blip` is a random model for tests: its captions are noise."""
 
     mode: Literal["missing", "overwrite", "append", "prepend"] = "missing"
     """`missing`: caption only images without a sidecar or yaml caption; `overwrite`: replace every
@@ -395,8 +408,10 @@ class TagParams(InferenceParams):
     """`wd14`: an ONNX WD14-style tagger (model.onnx + selected_tags.csv); `clip`: zero-shot CLIP
     scoring of a vocabulary file."""
 
-    model: str = "SmilingWolf/wd-v1-4-convnext-tagger-v2"
-    """The tagger: a local folder, a hub id, or a built-in random preset (`tiny-wd14`, `tiny-clip`)."""
+    model: str | None = None
+    """The tagger: a local folder or a hub id (e.g. `SmilingWolf/wd-v1-4-convnext-tagger-v2`). null (the
+    default) turns tagging off: only tags from EveryDream2 yaml sidecars reach the captions. `tiny-wd14`
+    and `tiny-clip` are random models for tests: their tags are noise."""
 
     general_threshold: float = Field(0.35, ge=0, le=1)
     """WD14: keep general tags (category 0) scoring at least this (kohya `general_threshold`)."""
@@ -433,7 +448,7 @@ class TagParams(InferenceParams):
 
     @model_validator(mode="after")
     def _clip_needs_vocabulary(self) -> TagParams:
-        if self.backend == "clip" and not self.vocabulary:
+        if self.backend == "clip" and self.model and not self.vocabulary:
             raise ParamsError("tag.vocabulary: the clip backend needs a vocabulary file (one tag per line)")
         return self
 
@@ -567,6 +582,21 @@ DIFFUSION_ONLY = ("use_log_norm_timesteps", "zero_terminal_snr", "loss_type", "m
 FLOW_ONLY = ("reflow_steps", "reflow_gen_batches", "reflow_train_epochs", "reflow_sample_steps")
 
 
+# A list of prompts, or a prompt file's path. Tagged by the value's type, so a bad list gets only the list's
+# errors (an untagged union would also say "should be a valid string"); the tags leave the error's key.
+PromptsOrFile = Annotated[
+    Annotated[list[SamplePrompt], Tag("<list>")] | Annotated[str, Tag("<file>")],
+    Discriminator(lambda value: "<file>" if isinstance(value, str) else "<list>"),
+]
+
+# kohya's `sample_sampler` choices; its `k_` names and A1111's spellings mean the same schedulers.
+SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle")
+SAMPLER_ALIASES = {
+    "k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a",
+    "euler a": "euler_a", "dpm++ 2m": "dpmsolver++", "dpm++_2m": "dpmsolver++", "dpmpp_2m": "dpmsolver++",
+}
+
+
 class TrainParams(Section):
     SECTION: ClassVar[str] = "train"
 
@@ -660,7 +690,8 @@ class TrainParams(Section):
     optimizer: Literal["adamw", "adamw8bit", "lion", "prodigy", "adafactor", "sgd", "adacoor"] = Field(
         "adamw", validation_alias=_aliases("optimizer", "optimizer_type")
     )
-    """The optimizer (kohya `optimizer_type`); adacoor is EveryDream2's learning-rate-free optimizer."""
+    """The optimizer (kohya `optimizer_type`, whose CamelCase names such as `AdamW8bit` are accepted in any
+    case); adacoor is EveryDream2's learning-rate-free optimizer."""
 
     optimizer_args: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments for the optimizer, e.g. {weight_decay: 0.01, betas: [0.9, 0.99]}."""
@@ -863,16 +894,21 @@ class TrainParams(Section):
     """Epochs over the generated pairs in each reflow iteration."""
 
     reflow_sample_steps: int | None = Field(None, ge=1)
-    """Euler steps of each reflow ODE solve; falls back to sample_steps, then 50."""
+    """Euler steps of each reflow ODE solve; unset, 50."""
 
-    sample_steps: int | None = Field(None, ge=1)
-    """Default sampler steps (EveryDream2); used by reflow when reflow_sample_steps is unset."""
+    sample_prompts: PromptsOrFile = Field(default_factory=list)
+    """Images to draw while training: a list of {prompt, negative_prompt, seed, steps, cfg, width, height},
+    or a prompt file: kohya's `.txt` (one prompt a line, with `--n --w --h --d --l --s`), EveryDream2's
+    `sample_prompts.txt` or `.json`, or a `.yaml` list. A relative path is relative to the project."""
 
-    sample_prompts: list[SamplePrompt] = Field(default_factory=list)
-    """Images to draw while training: a list of {prompt, negative_prompt, seed, steps, cfg, width, height}."""
+    sample_sampler: Literal[SAMPLERS] = "euler"
+    """The sampler that draws them (kohya `sample_sampler`): ddim, pndm, lms, euler, euler_a, heun, dpm_2,
+    dpm_2_a, dpmsolver, dpmsolver++ (A1111's `DPM++ 2M`), dpmsingle; kohya's `k_` names are accepted."""
 
-    sample_every_n_steps: int | None = Field(None, ge=1)
-    """Draw the sample prompts every this many optimizer steps."""
+    sample_every_n_steps: int | None = Field(None, ge=1, validation_alias=_aliases("sample_every_n_steps", "sample_steps"))
+    """Draw the sample prompts every this many optimizer steps (kohya `sample_every_n_steps`). EveryDream2's
+    `sample_steps` is accepted as an alias with EveryDream2's meaning, this interval; the number of sampler
+    steps per image is each prompt's `steps` (kohya's `--s`)."""
 
     sample_every_n_epochs: int | None = Field(None, ge=1)
     """Draw the sample prompts every this many epochs."""
@@ -911,6 +947,20 @@ class TrainParams(Section):
         # It becomes models/<output_name>/<output_name>.safetensors: a path in it would write elsewhere.
         if not value or value.startswith(".") or any(char in value for char in "/\\\0"):
             raise ValueError("must be a plain folder name: not empty, no / or \\, not starting with '.'")
+        return value
+
+    @field_validator("optimizer", "lr_scheduler", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        # kohya writes `AdamW8bit`, `Prodigy`, `Lion`; EveryDream2 `adamw8bit`: one name whatever the case.
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("sample_sampler", mode="before")
+    @classmethod
+    def _sampler_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            name = value.strip().lower()
+            return SAMPLER_ALIASES.get(name, name)
         return value
 
     @field_validator("mixed_precision", mode="before")
@@ -1009,13 +1059,34 @@ def _clipped(text: str) -> str:
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
+UNION_TAGS = {"<list>", "<file>"}
+
+
+def _key_path(loc: Sequence[Any]) -> list[str]:
+    """pydantic's error location as the user's key path: a tagged union's tag ("<list>") right after the
+    field it belongs to is no key."""
+    parts = [str(part) for part in loc]
+    return [part for index, part in enumerate(parts) if not (index and part in UNION_TAGS and parts[index - 1] == "sample_prompts")]
+
+
 def _format_error(error: dict[str, Any], source: str) -> str:
-    loc = [str(part) for part in error["loc"]]
+    loc = _key_path(error["loc"])
     key = ".".join(loc)
     if error["type"] == "extra_forbidden":
         if len(loc) == 1:
             return f"{source}: unknown section '{loc[0]}'{_suggestion(loc[0], list(sections()))}"
         section, name = loc[0], loc[-1]
+        if len(loc) == 2 and section in sections():
+            # kohya and EveryDream2 keep every option in one namespace: `resolution` set under train is
+            # bucket's. The closest spelling in any section wins, this section's on a tie.
+            scored = [
+                (difflib.SequenceMatcher(None, name, choice).ratio(), other == section, other, choice)
+                for other in sections() for choice in _valid_keys(other)
+            ]
+            ratio, _, other, choice = max(scored)
+            if other != section and ratio >= 0.8:
+                problem = f"not a {section} key" if ratio == 1 else f"unknown key in section '{section}'"
+                return f"{source}: {key}: {problem}; did you mean {other}.{choice}?"
         return f"{source}: {key}: unknown key in section '{section}'{_suggestion(name, _valid_keys(section))}"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "int_parsing_size":  # pydantic's wording speaks of strings, whatever the input
@@ -1096,7 +1167,7 @@ def validate_params(
         raise ParamsError(_one_line(f"{origin}: {exc}")) from None
     except ValidationError as exc:
         problems = [
-            _one_line(_format_error(error, _origin(tuple(str(part) for part in error["loc"]), source, lines, overrides)))
+            _one_line(_format_error(error, _origin(tuple(_key_path(error["loc"])), source, lines, overrides)))
             for error in exc.errors()
         ]
         raise ParamsError("\n".join(problems)) from None

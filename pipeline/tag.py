@@ -4,6 +4,10 @@ WD14 taggers (what kohya's tag_images_by_wd14_tagger.py runs) take NHWC float32 
 to a square on white; they output one sigmoid score per row of selected_tags.csv (category 0 general,
 4 character, 9 rating). The tags that pass the thresholds are cached per (image_id, model identity,
 thresholds); formatting (underscores, replacements, blacklist, order, max_tags) runs after the cache.
+
+With no `tag.model` (the default) the stage runs no model and writes an empty table: only the tags of
+EveryDream2 yaml sidecars reach the captions. Regularisation images are tagged only when tag.reg_images
+asks (kohya trains a reg image on its own caption, else its class tokens).
 """
 
 from __future__ import annotations
@@ -73,6 +77,16 @@ class TagPaths(ModelStagePaths):
 class TagResult(CachedRun):
     rows: list[dict[str, Any]] = field(default_factory=list)
     frequency: dict[str, dict[str, int]] = field(default_factory=dict)
+    model: str | None = None  # the tagger's name; None when tagging is off
+
+    def example(self) -> list[str]:
+        """The first tagged image's tags (by image_id), for the console summary."""
+        return next((row["tags"] for row in self.rows if row["tags"]), [])
+
+
+def is_reg(row: dict[str, Any]) -> bool:
+    """files.parquet's subset is `reg` or `reg/<folder>` for a regularisation image."""
+    return row["subset"].split("/")[0] == "reg"
 
 
 # A tag is a list of (name, category, score) as the model gave it, before formatting.
@@ -258,6 +272,14 @@ def run(cfg: TagParams, paths: TagPaths, tagger_factory: Any = make_tagger) -> T
         raise KilnError(f"{paths.images}: not found; run `kiln scan` first")
     # files.parquet (no captions), so a caption edit never reruns tagging.
     images = sorted(read_table(paths.images, "scan"), key=lambda row: row["image_id"])
+    if cfg.model is None:
+        if not paths.cache.is_file():  # a declared, persistent output: kept while tagging is off
+            write_table([], CACHE_SCHEMA, paths.cache)
+        result = TagResult(cache={})
+        write_table(result.rows, TAGS_SCHEMA, paths.tags)
+        write_json(result.frequency, paths.frequency)
+        return result
+    images = [row for row in images if cfg.reg_images or not is_reg(row)]
     vocabulary = read_vocabulary(cfg.vocabulary) if cfg.backend == "clip" else []
     model = resolve_model(cfg.model, "tag.model")
     model_key = _model_key(cfg, fingerprint(model.folder), vocabulary)
@@ -271,7 +293,7 @@ def run(cfg: TagParams, paths: TagPaths, tagger_factory: Any = make_tagger) -> T
         images, keys, paths.cache, CACHE_SCHEMA, lambda: tagger_factory(model.folder, cfg, vocabulary),
         to_cache_row, paths.data_root, cfg.batch_size, cfg.workers, "tag",
     )
-    result = TagResult(**vars(run_result))
+    result = TagResult(**vars(run_result), model=model.name)
     cache = result.cache
     source = f"{cfg.backend}:{model.name}"
     for row in images:

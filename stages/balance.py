@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pipeline import balance
 from stages.common import ParamsOption, SetOption, console, load, run_single, user_errors
 
 
@@ -27,6 +26,8 @@ def main(
 ) -> None:
     """Build the epoch plan: captions from balance.caption_template, repeats (kohya folders x
     EveryDream2 multiply), regularisation balancing (balance.reg_mode) and loss weights."""
+    from pipeline import balance
+
     loaded = load(params, overrides)
     paths = balance.BalancePaths(
         images, buckets, latents / "keys.parquet", latents / "manifest.parquet", captions, tags, out
@@ -41,6 +42,9 @@ def main(
     for bucket, samples in summary["buckets"].items():
         table.add_row(bucket, "", f"{samples:g}")
     console.print(table)
+    console.print("training captions, for example:")
+    for path, caption in result.examples():
+        console.print(f"  {path}: {caption!r}", highlight=False)
 
 
 if __name__ == "__main__":

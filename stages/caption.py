@@ -7,8 +7,6 @@ from typing import Annotated
 
 import typer
 
-from pipeline import caption
-from pipeline.images import allow_pixels
 from stages.common import (
     DataRootOption,
     ParamsOption,
@@ -26,23 +24,39 @@ def main(
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
     images: Annotated[Path, typer.Option(help="The scan stage's image table.")] = Path("data/scan/images.parquet"),
-    data_root: DataRootOption = Path("data/raw"),
+    data_root: DataRootOption = None,
     out: Annotated[Path, typer.Option(help="Where captions.parquet and the model cache go.")] = Path("data/caption"),
 ) -> None:
     """Caption images with BLIP, BLIP-2, GIT or any transformers image-to-text model (caption.model).
 
-    caption.mode: missing (only images without a sidecar or yaml caption), overwrite, append or prepend.
-    Model captions are cached per image, model and generation params: a rerun only captions new images.
+    Off unless caption.model names one: captions then pass through from sidecars, yaml and folder names.
+    caption.mode: missing (only images without a sidecar or yaml caption), overwrite, append or prepend;
+    reg images only with caption.reg_images. Model captions are cached per image, model and generation
+    params: a rerun only captions new images.
     """
+    from pipeline import caption
+    from pipeline.images import allow_pixels
+
     loaded = load(params, overrides)
     # Open every image scan accepted, however large: one pixel limit for all stages.
     allow_pixels(loaded.scan.max_pixels)
-    result = caption.run(loaded.caption, caption.CaptionPaths(images, data_root, out))
-    console.print(
-        f"caption: {len(result.rows)} images; {result.model_captioned} with a model caption "
-        f"({result.ran} generated now, {result.from_cache} from the cache)"
-    )
+    root = data_root or Path(loaded.scan.data_root)
+    result = caption.run(loaded.caption, caption.CaptionPaths(images, root, out))
+    model = loaded.caption.model
+    state = f"model {model}" if model else "no model (caption.model is null): captions pass through"
+    console.print(f"caption: {len(result.rows)} images, {state}", highlight=False)
+    for source, (count, example) in result.sources().items():
+        console.print(f"  {count} from {SOURCE_NAMES.get(source, source)}: {example!r}", highlight=False)
+    if result.model_captioned:
+        console.print(f"  model captions: {result.ran} generated now, {result.from_cache} from the cache", highlight=False)
     report_failures(result.failures)
+
+
+# How the console names each caption source (images.parquet's caption_source, or model:<name>).
+SOURCE_NAMES = {
+    "sidecar": "sidecar files", "yaml": "yaml sidecars", "filename": "file names",
+    "class_tokens": "their folder's class tokens (no caption file)",
+}
 
 
 if __name__ == "__main__":

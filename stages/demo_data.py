@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from pipeline.demo_data import write_demo_data
 from stages.common import console, run_single, user_errors
 
 
@@ -18,12 +17,19 @@ def main(
 ) -> None:
     """Write a small synthetic dataset (two kohya concepts and a reg folder) for the demo and tests.
 
-    Files whose bytes are already right are left untouched; nothing else in the folder is changed.
+    Files whose bytes are already right are left untouched. A folder holding anything else (your own
+    images) is refused: nothing is written.
     """
+    from pipeline.demo_data import write_demo_data
+
     counts = write_demo_data(out, seed)
     console.print(
-        f"demo-data: {counts['images']} images in {out} "
+        f"demo-data: {counts['images']} synthetic images in {out} "
         f"({counts['files_written']} files written, {counts['files_unchanged']} unchanged)"
+    )
+    console.print(
+        "  the demo trains tiny-sd15, a random model built on the CPU: its LoRA and samples are noise. Captions "
+        "come from the sidecars (caption.model and tag.model are null). Start a real run from configs/."
     )
 
 

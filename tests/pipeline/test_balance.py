@@ -1,5 +1,6 @@
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +132,73 @@ def test_plan_is_byte_identical_on_rerun(project, tmp_path):
     run(BalanceParams(), TrainParams(), paths_of(project, tmp_path / "a"))
     run(BalanceParams(), TrainParams(), paths_of(project, tmp_path / "b"))
     assert (tmp_path / "a/plan.parquet").read_bytes() == (tmp_path / "b/plan.parquet").read_bytes()
+
+
+def test_compose_keeps_a_sidecar_caption_as_written():
+    written = "Anna,smiling at the camera  , red coat;  (best) [light]"
+    assert compose_caption(written, [], "anna", BalanceParams()) == written
+    # Tags already in the caption and the class tokens it already holds are not added again.
+    assert compose_caption("anna, a red coat", ["a red coat", "snow"], "anna", BalanceParams()) == "anna, a red coat, snow"
+    cfg = BalanceParams(caption_template="{class_tokens}, {caption}", caption_prefix="anna")
+    assert compose_caption("anna", [], "anna", cfg) == "anna"
+    assert compose_caption("", [], "anna", BalanceParams(caption_template="photo of {tags}")) == "photo of"
+
+
+def test_examples_show_one_caption_per_concept_folder_first(project, tmp_path):
+    result = run(BalanceParams(), TrainParams(), paths_of(project, tmp_path))
+    assert [path for path, _ in result.examples()] == [
+        "reg/1_shape/shape_01.png", "train/10_sks circle/circle_01.png", "train/5_sks square/square_01.png",
+    ]
+    assert result.examples()[1] == ("train/10_sks circle/circle_01.png", "a sks circle, red, on a blue gradient")
+
+
+def test_shipped_params_keep_real_sidecar_captions_byte_for_byte(tmp_path):
+    """A user's photos with the shipped params.yaml: no model captions or tags, sidecars as written, and
+    reg images without a caption train on their class tokens (what kohya does)."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline import caption, tag
+    from pipeline.bucket import BucketPaths
+    from pipeline.bucket import run as run_bucket
+    from pipeline.cache import CachePaths
+    from pipeline.cache import run as run_cache
+    from pipeline.params import load_params
+    from pipeline.scan import ScanPaths
+    from pipeline.scan import run as run_scan
+
+    params = load_params(Path(__file__).parents[2] / "params.yaml")
+    raw = tmp_path / "raw"
+    sidecars = {
+        "train/10_anna/IMG_0001.jpg": "Anna,smiling at the camera  , red coat",
+        "train/10_anna/IMG_0002.jpg": "anna in the snow, (winter:1.2), bokeh",
+        "train/10_anna/IMG_0003.jpg": None,
+        "reg/1_woman/reg_0001.jpg": None,
+        "reg/1_woman/reg_0002.jpg": "a woman, portrait",
+    }
+    noise = np.random.default_rng(0)
+    for rel, text in sidecars.items():
+        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(noise.integers(0, 255, (320, 288, 3), dtype=np.uint8)).save(raw / rel, quality=90)
+        if text is not None:
+            (raw / rel).with_suffix(".txt").write_text(text + "\n")
+    scanned = ScanPaths(raw, tmp_path / "scan")
+    run_scan(params.scan, scanned)
+    caption.run(params.caption, caption.CaptionPaths(scanned.images, raw, tmp_path / "caption"))
+    tag.run(params.tag, tag.TagPaths(scanned.files, raw, tmp_path / "tag"))
+    buckets = BucketPaths(scanned.files, tmp_path / "bucket")
+    run_bucket(params.bucket.model_copy(update={"resolution": (256, 256), "min_bucket_reso": 128}), buckets)
+    store = CachePaths(buckets.buckets, scanned.files, raw, tmp_path / "latents")
+    run_cache(params.cache, params.model.base, params.bucket.interpolation, store)
+    paths = BalancePaths(
+        scanned.images, buckets.buckets, store.keys, store.store / "manifest.parquet",
+        tmp_path / "caption/captions.parquet", tmp_path / "tag/tags.parquet", tmp_path / "plan",
+    )
+    result = run(params.balance, params.train, paths)
+    assert {row["path"]: row["caption"] for row in result.rows} == {
+        "train/10_anna/IMG_0001.jpg": "Anna,smiling at the camera  , red coat",
+        "train/10_anna/IMG_0002.jpg": "anna in the snow, (winter:1.2), bokeh",
+        "train/10_anna/IMG_0003.jpg": "anna",
+        "reg/1_woman/reg_0001.jpg": "woman",
+        "reg/1_woman/reg_0002.jpg": "a woman, portrait",
+    }

@@ -39,17 +39,33 @@ def by_id(result):
     return {row["image_id"]: row for row in result.rows}
 
 
-def test_missing_mode_keeps_user_captions_and_captions_the_rest(paths, tiny_blip):
-    result = run(CaptionParams(model=str(tiny_blip), mode="missing"), paths, StubCaptioner)
+@pytest.mark.parametrize("reg_images", [False, True])
+def test_missing_mode_keeps_user_captions_and_captions_the_rest(paths, tiny_blip, reg_images):
+    result = run(CaptionParams(model=str(tiny_blip), mode="missing", reg_images=reg_images), paths, StubCaptioner)
     images = {row["image_id"]: row for row in read_table(paths.images)}
     for image_id, row in by_id(result).items():
         image = images[image_id]
-        if image["caption_source"] in ("sidecar", "yaml"):
+        if image["caption_source"] in ("sidecar", "yaml") or (image["is_reg"] and not reg_images):
+            # A reg image without a caption keeps its class tokens, as kohya trains it.
             assert (row["caption"], row["source"]) == (image["caption"], image["caption_source"])
         else:
             assert row["caption"] == f"generated {image['width']}x{image['height']}"
             assert row["source"] == f"model:{tiny_blip.name}"
-    assert result.model_captioned == 11 and sum(StubCaptioner.calls) == 11
+    reg_uncaptioned = sum(image["is_reg"] and image["caption_source"] == "class_tokens" for image in images.values())
+    assert reg_uncaptioned == 7
+    expected = 11 if reg_images else 11 - reg_uncaptioned
+    assert result.model_captioned == expected and sum(StubCaptioner.calls) == expected
+
+
+def test_without_a_model_every_caption_passes_through_byte_for_byte(paths):
+    result = run(CaptionParams(), paths, StubCaptioner)
+    images = sorted(read_table(paths.images), key=lambda row: row["image_id"])
+    assert [(row["image_id"], row["caption"], row["source"]) for row in result.rows] == [
+        (image["image_id"], image["caption"], image["caption_source"]) for image in images
+    ]
+    assert StubCaptioner.calls == [] and result.model_captioned == 0
+    assert read_table(paths.cache) == []  # the declared output exists, empty
+    assert result.sources()["class_tokens"] == (11, "shape")
 
 
 @pytest.mark.parametrize(
@@ -61,7 +77,7 @@ def test_missing_mode_keeps_user_captions_and_captions_the_rest(paths, tiny_blip
     ],
 )
 def test_overwrite_append_prepend(paths, tiny_blip, mode, expected):
-    result = run(CaptionParams(model=str(tiny_blip), mode=mode), paths, StubCaptioner)
+    result = run(CaptionParams(model=str(tiny_blip), mode=mode, reg_images=True), paths, StubCaptioner)
     images = {row["path"]: row["image_id"] for row in read_table(paths.images)}
     row = by_id(result)[images["train/10_sks circle/circle_01.png"]]
     assert row["caption"] == expected
@@ -84,7 +100,7 @@ def test_normalisation():
 
 
 def test_cached_images_are_not_run_again(paths, tiny_blip, demo_source, tmp_path):
-    cfg = CaptionParams(model=str(tiny_blip), mode="overwrite", batch_size=4)
+    cfg = CaptionParams(model=str(tiny_blip), mode="overwrite", batch_size=4, reg_images=True)
     first = run(cfg, paths, StubCaptioner)
     assert (first.ran, first.from_cache, sum(StubCaptioner.calls)) == (22, 0, 22)
     captions = paths.captions.read_bytes()
@@ -100,7 +116,7 @@ def test_cached_images_are_not_run_again(paths, tiny_blip, demo_source, tmp_path
 
 
 def test_a_damaged_model_cache_is_computed_again_with_a_warning(paths, tiny_blip, caplog):
-    cfg = CaptionParams(model=str(tiny_blip), mode="overwrite", batch_size=4)
+    cfg = CaptionParams(model=str(tiny_blip), mode="overwrite", batch_size=4, reg_images=True)
     run(cfg, paths, StubCaptioner)
     captions = paths.captions.read_bytes()
     paths.cache.write_bytes(paths.cache.read_bytes()[:100])  # a kill mid-write elsewhere, a bad disk
@@ -121,7 +137,7 @@ def test_adding_images_captions_only_the_new_ones(demo_source, tmp_path, tiny_bl
     scan(ScanParams(workers=1), scan_paths)
     paths = CaptionPaths(scan_paths.images, root, tmp_path / "caption")
     StubCaptioner.calls = []
-    cfg = CaptionParams(model=str(tiny_blip), mode="overwrite")
+    cfg = CaptionParams(model=str(tiny_blip), mode="overwrite", reg_images=True)
     run(cfg, paths, StubCaptioner)
     shutil.copy(root / "reg/1_shape/shape_01.png", root / "reg/1_shape/shape_09.png")
     from PIL import Image
@@ -140,7 +156,7 @@ def test_a_failing_image_is_reported_and_the_rest_captioned(paths, tiny_blip):
                 raise RuntimeError("CUDA error: device-side assert")
             return super().__call__(images)
 
-    result = run(CaptionParams(model=str(tiny_blip), mode="overwrite", batch_size=8), paths, Flaky)
+    result = run(CaptionParams(model=str(tiny_blip), mode="overwrite", batch_size=8, reg_images=True), paths, Flaky)
     assert len(result.failures) == 2
     assert sorted(f.split(":")[0] for f in result.failures) == ["reg/1_shape/shape_04.png", "train/10_sks circle/circle_04.png"]
     assert result.ran == 20
@@ -148,7 +164,7 @@ def test_a_failing_image_is_reported_and_the_rest_captioned(paths, tiny_blip):
 
 
 def test_real_tiny_blip_through_the_folder_path(paths, tiny_blip):
-    cfg = CaptionParams(model=str(tiny_blip), mode="overwrite", max_new_tokens=6, batch_size=8, prompt="a photo of")
+    cfg = CaptionParams(model=str(tiny_blip), mode="overwrite", max_new_tokens=6, batch_size=8, prompt="a photo of", reg_images=True)
     result = run(cfg, paths)
     assert result.ran == 22
     for row in result.rows:

@@ -1,8 +1,10 @@
 import hashlib
 
+import pytest
 from PIL import Image
 
 from pipeline.demo_data import IMAGES, write_demo_data
+from pipeline.errors import KilnError
 
 
 def digest(root):
@@ -35,3 +37,28 @@ def test_demo_data_covers_what_real_datasets_contain(demo_source):
     with Image.open(demo_source / "train/10_sks circle/circle_08.png") as alpha:
         assert alpha.mode == "RGBA"
         assert alpha.getextrema()[3] == (0, 255)
+
+
+def test_demo_data_refuses_a_folder_holding_other_files(tmp_path):
+    root = tmp_path / "raw"
+    (root / "train/10_me").mkdir(parents=True)
+    (root / "train/10_me/photo.jpg").write_bytes(b"not the demo's")
+    with pytest.raises(KilnError) as refused:
+        write_demo_data(root)
+    assert str(refused.value) == (
+        f"{root}: holds 1 file(s) the demo did not write (train/10_me/photo.jpg); the demo writes only into an "
+        "empty folder or its own earlier output. Train your own images with `dvc repro` (scan.data_root), or "
+        "give the demo another folder with --out"
+    )
+    assert [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()] == ["train/10_me/photo.jpg"]
+
+
+def test_demo_data_refuses_an_edited_demo_file_and_writes_nothing(tmp_path):
+    root = tmp_path / "raw"
+    write_demo_data(root)
+    caption = root / "train/10_sks circle/circle_01.txt"
+    caption.write_text("my own caption\n")
+    before = digest(root)
+    with pytest.raises(KilnError, match=r"holds 1 file\(s\) the demo did not write \(train/10_sks circle/circle_01.txt\)"):
+        write_demo_data(root)
+    assert digest(root) == before

@@ -113,11 +113,10 @@ def test_epsilon_base_is_refused():
 
 
 def test_reflow_sample_steps_fallback():
-    assert reflow_sample_steps(12, 30) == 12
-    assert reflow_sample_steps(None, 30) == 30
-    assert reflow_sample_steps(None, None) == 50
+    assert reflow_sample_steps(12) == 12
+    assert reflow_sample_steps(None) == 50
     with pytest.raises(KilnError, match=r"train\.reflow_sample_steps"):
-        reflow_sample_steps(0, 30)
+        reflow_sample_steps(0)
 
 
 def test_euler_is_exact_for_a_constant_field():

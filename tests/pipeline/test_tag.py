@@ -122,7 +122,7 @@ def test_stage_outputs_cache_and_frequency(scanned_demo, demo_source, tmp_path, 
 
         return Counted()
 
-    cfg = TagParams(model=str(constant_tagger))
+    cfg = TagParams(model=str(constant_tagger), reg_images=True)
     first = run(cfg, paths, counting)
     assert (first.ran, sum(calls)) == (22, 22)
     rows = read_table(paths.tags)
@@ -147,7 +147,18 @@ def test_tiny_wd14_preset_folder_runs(scanned_demo, demo_source, tmp_path):
     folder.mkdir()
     build_tiny_wd14(folder)
     result = run(TagParams(model=str(folder), general_threshold=0.0), TagPaths(scanned_demo.parent / "files.parquet", demo_source, tmp_path / "t"))
-    assert result.ran == 22 and all(row["tags"] for row in result.rows)
+    # Reg images are tagged only when tag.reg_images asks: 14 train images of 22.
+    assert result.ran == 14 and all(row["tags"] for row in result.rows)
+    assert {row["image_id"] for row in result.rows} == {
+        row["image_id"] for row in read_table(scanned_demo.parent / "files.parquet") if not row["subset"].startswith("reg/")
+    }
+
+
+def test_without_a_model_no_tags_are_written(scanned_demo, demo_source, tmp_path):
+    paths = TagPaths(scanned_demo.parent / "files.parquet", demo_source, tmp_path / "t")
+    result = run(TagParams(), paths, lambda *args: pytest.fail("no tagger may be built"))
+    assert result.model is None and read_table(paths.tags) == [] and read_table(paths.cache) == []
+    assert json.loads(paths.frequency.read_text()) == {}
 
 
 def test_clip_zero_shot_matches_an_independent_cosine(tmp_path, scanned_demo, demo_source):
@@ -177,4 +188,5 @@ def test_clip_needs_a_vocabulary():
     from pipeline.errors import ParamsError
 
     with pytest.raises(ParamsError, match="tag.vocabulary: the clip backend needs a vocabulary file"):
-        TagParams(backend="clip")
+        TagParams(backend="clip", model="tiny-clip")
+    assert TagParams(backend="clip").model is None  # tagging off: no vocabulary needed

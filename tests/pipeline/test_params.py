@@ -419,3 +419,53 @@ def test_fuzz_values_of_the_shipped_params(tmp_path, raw):
 def test_fuzz_set_overrides(tmp_path, key, value):
     (tmp_path / "params.yaml").write_bytes(SHIPPED_TEXT)
     assert_loads_or_fails_cleanly(tmp_path / "params.yaml", [f"{key[0]}.{key[1]}={value}"])
+
+
+def test_shipped_params_caption_and_tag_with_no_model():
+    # A project's own params never caption or tag with the random demo presets: both stages are off.
+    params = load_params(ROOT / "params.yaml")
+    assert (params.caption.model, params.tag.model) == (None, None)
+    assert not params.caption.reg_images and not params.tag.reg_images
+    text = (ROOT / "params.yaml").read_text()
+    assert "tiny-blip" not in text and "tiny-wd14" not in text and "tiny-clip" not in text
+
+
+def test_a_key_from_another_section_names_that_section():
+    assert error_of({"train": {"resolution": 768}}) == "params.yaml: train.resolution: not a train key; did you mean bucket.resolution?"
+    assert error_of({"train": {"reslution": 768}}) == (
+        "params.yaml: train.reslution: unknown key in section 'train'; did you mean bucket.resolution?"
+    )
+    assert error_of({"caption": {"general_threshold": 0.3}}) == (
+        "params.yaml: caption.general_threshold: not a caption key; did you mean tag.general_threshold?"
+    )
+    # The section's own closest key still wins when it is the better match.
+    assert error_of({"train": {"learning_rat": 1e-4}}) == (
+        "params.yaml: train.learning_rat: unknown key in section 'train'; did you mean 'learning_rate'?"
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("AdamW8bit", "adamw8bit"), ("Prodigy", "prodigy"), ("Lion", "lion"), ("Adafactor", "adafactor"), ("AdamW", "adamw")],
+)
+def test_kohya_optimizer_names_in_any_case(given, expected):
+    assert validate_params({"train": {"optimizer_type": given}}).train.optimizer == expected
+
+
+def test_kohya_and_everydream_names_for_the_model_and_samples():
+    params = validate_params({"model": {"pretrained_model_name_or_path": "/models/sd15.safetensors"}, "train": {"sample_steps": 300}})
+    assert params.model.base == "/models/sd15.safetensors"
+    # EveryDream2's sample_steps is the interval between samples (its meaning), not the sampler's steps.
+    assert params.train.sample_every_n_steps == 300
+    assert validate_params({"train": {"sample_sampler": "DPM++ 2M"}}).train.sample_sampler == "dpmsolver++"
+    assert validate_params({"train": {"sample_sampler": "k_euler_a"}}).train.sample_sampler == "euler_a"
+    assert validate_params({"train": {"sample_prompts": "prompts.txt"}}).train.sample_prompts == "prompts.txt"
+    explained = "\n".join(explain())
+    assert "train.sample_every_n_steps: int | None = None (alias: sample_steps)" in explained
+    assert "`sample_steps` is accepted as an alias with EveryDream2's meaning, this interval" in " ".join(explained.split())
+
+
+def test_a_bad_sample_prompt_list_blames_the_entry_not_the_file_form():
+    assert error_of({"train": {"sample_prompts": [{"prompt": "a", "width": 65}]}}) == (
+        "params.yaml: train.sample_prompts.0.width: Input should be a multiple of 8 (got 65)"
+    )

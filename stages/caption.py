@@ -36,6 +36,7 @@ def main(
     """
     from pipeline import caption
     from pipeline.images import allow_pixels
+    from pipeline.presets import KEY_PRESETS  # random models: fine for tests, noise on a real dataset
 
     loaded = load(params, overrides)
     # Open every image scan accepted, however large: one pixel limit for all stages.
@@ -46,7 +47,10 @@ def main(
     state = f"model {model}" if model else "no model (caption.model is null): captions pass through"
     console.print(f"caption: {len(result.rows)} images, {state}", highlight=False)
     for source, (count, example) in result.sources().items():
-        console.print(f"  {count} from {SOURCE_NAMES.get(source, source)}: {example!r}", highlight=False)
+        name = f"the model ({source.removeprefix('model:')})" if source.startswith("model:") else SOURCE_NAMES[source]
+        console.print(f"  {count} from {name}: {example!r}", highlight=False)
+    if model in KEY_PRESETS["caption.model"]:
+        console.print(f"  [yellow]warning[/]: {model} is a random model for tests: its captions are noise")
     if result.model_captioned:
         console.print(f"  model captions: {result.ran} generated now, {result.from_cache} from the cache", highlight=False)
     report_failures(result.failures)

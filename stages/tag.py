@@ -36,6 +36,7 @@ def main(
     """
     from pipeline import tag
     from pipeline.images import allow_pixels
+    from pipeline.presets import KEY_PRESETS  # random models: fine for tests, noise on a real dataset
 
     loaded = load(params, overrides)
     # Open every image scan accepted, however large: one pixel limit for all stages.
@@ -55,6 +56,8 @@ def main(
         highlight=False,
     )
     console.print(f"  for example: {', '.join(result.example())!r}", highlight=False)
+    if loaded.tag.model in KEY_PRESETS["tag.model"]:
+        console.print(f"  [yellow]warning[/]: {loaded.tag.model} is a random model for tests: its tags are noise")
     report_failures(result.failures)
 
 

@@ -2,9 +2,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The dev install pins torch to the CPU wheel so pip never pulls the multi-GB CUDA build.
-# On a machine with its own torch, run `make TORCH_SPEC= demo` to keep it.
+# The dev install pins torch so pip never pulls a newer, multi-GB build. Where pip's configured indexes hold
+# a CPU wheel of it (this project's machines), that is what it takes. From PyPI on Linux x86_64 the same pin
+# is the CUDA build (about 0.5 GB plus 3 GB of NVIDIA packages): for a CPU-only demo name PyTorch's CPU index,
+# `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu` (pip's --index-url). On a machine with its
+# own torch, run `make TORCH_SPEC= demo` to keep it.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-slow test-all reproduce venv clean-demo
@@ -14,7 +18,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"; fi
+	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"; fi
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 

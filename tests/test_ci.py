@@ -3,6 +3,7 @@ workflow reproduces the committed graph on pull requests and experiment branches
 that `make reproduce` writes."""
 
 import re
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -29,3 +30,14 @@ def test_the_experiment_workflow_reproduces_and_posts_the_report_make_reproduce_
     assert uploads and report in uploads[0]["with"]["path"]
     # torch comes from the CPU index, as on Kiln's CI: the multi-GB CUDA build is never pulled.
     assert any("--index-url https://download.pytorch.org/whl/cpu" in run for run in runs)
+
+
+def test_make_installs_torch_from_the_index_a_user_names():
+    # Off this project's machines the torch pin from PyPI is the CUDA build; TORCH_INDEX picks PyTorch's CPU index.
+    def install_line(*args: str) -> str:
+        dry = subprocess.run(["make", "-n", "-B", "venv", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+        return next(line for line in dry.stdout.splitlines() if "torch==" in line)
+
+    cpu = "https://download.pytorch.org/whl/cpu"
+    assert f'pip install --quiet --index-url "{cpu}" "torch==2.13.0"' in install_line(f"TORCH_INDEX={cpu}")
+    assert "--index-url" not in install_line()

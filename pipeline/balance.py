@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from pipeline.errors import KilnError
 from pipeline.params import BalanceParams, TrainParams
-from pipeline.tables import read_table, write_json, write_table
+from pipeline.tables import read_table, require, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,7 @@ def _steps(group_sizes: list[int], batch_size: int, remainder: str) -> int:
 
 def build_plan(paths: BalancePaths, cfg: BalanceParams, train: TrainParams) -> BalanceResult:
     for table, stage in ((paths.images, "scan"), (paths.buckets, "bucket"), (paths.keys, "cache"), (paths.manifest, "cache")):
-        if not table.is_file():
-            raise KilnError(f"{table}: not found; run `kiln {stage}` first")
+        require(table, stage)
     images = sorted(read_table(paths.images, "scan"), key=lambda row: row["path"])
     buckets = {row["image_id"]: row for row in read_table(paths.buckets, "bucket")}
     index = {row["cache_key"] for row in read_table(paths.manifest, "cache")}

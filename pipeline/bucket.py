@@ -17,9 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.errors import KilnError
 from pipeline.params import BucketParams
-from pipeline.tables import read_table, write_json, write_table
+from pipeline.tables import read_table, require, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +162,7 @@ def run(cfg: BucketParams, paths: BucketPaths) -> BucketResult:
     """Read files.parquet and write buckets.parquet and buckets.json (per-bucket counts, a DVC plot).
 
     The geometry table, not images.parquet: a caption edit changes images.parquet, never a bucket."""
-    if not paths.files.is_file():
-        raise KilnError(f"{paths.files}: not found; run `kiln scan` first")
+    require(paths.files, "scan")
     images = read_table(paths.files, "scan")
     result = bucket_images(images, cfg)
     for message in result.over_error:

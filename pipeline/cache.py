@@ -27,7 +27,7 @@ from pipeline.inference import cache_key, chunks, load_rgb_and_alpha, run_batche
 from pipeline.latents import LatentStore, Sample, ends_shard
 from pipeline.models import LoadedVAE, find_vae
 from pipeline.params import CacheParams
-from pipeline.tables import DamagedTable, read_table, write_table
+from pipeline.tables import DamagedTable, read_table, require, write_table
 
 log = logging.getLogger(__name__)
 
@@ -321,9 +321,8 @@ def run(
     from accelerate import PartialState
 
     state = PartialState()
-    for table in (paths.files, paths.buckets):
-        if not table.is_file():
-            raise KilnError(f"{table}: not found; run `kiln scan` and `kiln bucket` first")
+    require(paths.files, "scan")
+    require(paths.buckets, "bucket")
     images, buckets = read_table(paths.files, "scan"), read_table(paths.buckets, "bucket")
     # Keys need only the VAE's fingerprint; its weights are loaded only when something must be encoded.
     source = find_vae(cfg.vae or base, "cache.vae" if cfg.vae else "model.base", base_config)

@@ -19,7 +19,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.errors import KilnError
 from pipeline.inference import (
     CachedRun,
     ModelStagePaths,
@@ -31,7 +30,7 @@ from pipeline.inference import (
     run_cached,
 )
 from pipeline.params import CaptionParams
-from pipeline.tables import read_table, write_table
+from pipeline.tables import read_table, require, write_table
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +131,7 @@ class Captioner:
 
 def run(cfg: CaptionParams, paths: CaptionPaths, captioner_factory: Any = Captioner) -> CaptionResult:
     """Write captions.parquet (every image: image_id, caption, source) and update the model cache."""
-    if not paths.images.is_file():
-        raise KilnError(f"{paths.images}: not found; run `kiln scan` first")
+    require(paths.images, "scan")
     images = sorted(read_table(paths.images, "scan"), key=lambda row: row["image_id"])
     todo = [row for row in images if needs_model(row, cfg)]
     result = CaptionResult(cache={})

@@ -17,7 +17,7 @@ import shutil
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +255,7 @@ def resume_source(root: Path, resume: str | None, run: RunIdentity) -> Path | No
                 log.info("%s: no checkpoint of this run (%d of other runs); starting fresh", root, len(others))
             return None
         if not others:
-            raise KilnError(f"--resume latest: no checkpoint in {root}")
+            raise KilnError(f"--resume latest: no checkpoint in {root}; start this run fresh with --resume auto (the default) or --resume none")
         source = others[-1]
     else:
         source = Path(resume)
@@ -288,9 +288,27 @@ def resolve_seed(seed: int, source: Path | None) -> int:
     return seed
 
 
+@dataclass
+class LossHistory:
+    """The loss of every optimizer step so far and the (global_step, validation loss) points: in every
+    checkpoint, so a resumed run's metrics.json and loss.png are the uninterrupted run's, not its tail's."""
+
+    losses: list[float] = field(default_factory=list)
+    validation_points: list[tuple[int, float]] = field(default_factory=list)
+
+    def state(self) -> dict[str, Any]:
+        return {"losses": self.losses, "validation_points": [list(point) for point in self.validation_points]}
+
+    def load(self, state: dict[str, Any] | None) -> None:
+        """In place (the loop appends to these lists); a checkpoint from before histories leaves them empty."""
+        if isinstance(state, dict):
+            self.losses[:] = [float(loss) for loss in state.get("losses", [])]
+            self.validation_points[:] = [(int(step), float(loss)) for step, loss in state.get("validation_points", [])]
+
+
 class Checkpointer:
     """Saves and restores everything a run needs to continue exactly: the trained weights, optimizer,
-    schedule, loader position, global_step and the EMA. Only the main process writes."""
+    schedule, loader position, global_step, the EMA and the loss history. Only the main process writes."""
 
     def __init__(
         self, root: Path, trainable: list[torch.nn.Parameter], optimizer: Any, scheduler: Any, loader: Any,
@@ -299,6 +317,7 @@ class Checkpointer:
         self.root, self.trainable, self.optimizer, self.scheduler = root, trainable, optimizer, scheduler
         self.loader, self.ema, self.keep_last, self.run, self.is_main = loader, ema, keep_last, run, is_main
         self.started_at = started_at  # unix time the run first started: a resumed run keeps it (its metadata says so)
+        self.history = LossHistory()
         if is_main:
             root.mkdir(parents=True, exist_ok=True)  # a declared output, even before the first save
 
@@ -308,7 +327,7 @@ class Checkpointer:
         return save_checkpoint(
             self.root, name, self.trainable, self.optimizer, self.scheduler,
             {"global_step": global_step, "loader": self.loader.state_dict(), "run": {"id": self.run.id, "values": self.run.values},
-             "started_at": self.started_at},
+             "started_at": self.started_at, "history": self.history.state()},
             keep_last=self.keep_last,
             extra_weights={"ema": self.ema.state_dict()} if self.ema is not None else None,
         )
@@ -325,6 +344,7 @@ class Checkpointer:
             raise KilnError(f"{source}: saved with train.seed={state['loader']['seed']}, but this run has {seed}")
         self.loader.load_state_dict(state["loader"])
         self.started_at = state.get("started_at") or self.started_at  # older checkpoints did not record it
+        self.history.load(state.get("history"))
         if self.ema is not None and (source / "ema.safetensors").is_file():
             self.ema.load(source / "ema.safetensors")
         log.info("resumed from %s at step %d", source, state["global_step"])

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from pipeline.errors import KilnError
-from pipeline.presets import PRESETS, preset_dir
+from pipeline.presets import PRESETS, SD_PRESETS, preset_dir, presets_for
 from pipeline.tables import DamagedTable, read_table, write_table
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,17 @@ class ResolvedModel:
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
+def accepted_models(key: str) -> str:
+    """What `key` may name, as its error messages say it: only a Stable Diffusion key takes a single
+    checkpoint file, and only the presets that fit the key are listed."""
+    presets = presets_for(key)
+    if presets == SD_PRESETS:
+        return f"a diffusers model folder, a single .safetensors/.ckpt file, a hub id (org/name) or a preset ({', '.join(presets)})"
+    return f"a local model folder, a hub id (org/name) or a preset ({', '.join(presets)})"
+
+
 def resolve_model(spec: str, key: str) -> ResolvedModel:
-    """A preset name, a local folder, or a hub id already cached (or downloadable when online)."""
+    """A preset name, a local folder or checkpoint file, or a hub id already cached (or downloadable when online)."""
     if spec in PRESETS:
         return ResolvedModel(preset_dir(spec), spec)
     local = Path(spec).expanduser()
@@ -94,12 +103,14 @@ def resolve_model(spec: str, key: str) -> ResolvedModel:
         return ResolvedModel(local, local.resolve().name)
     if local.is_file() and local.suffix in SINGLE_FILE_SUFFIXES:
         return ResolvedModel(local, local.stem)
-    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not local.exists()
+    if local.is_file():
+        raise KilnError(f"{key}: '{spec}' is a file Kiln cannot load as a model. Point {key} at {accepted_models(key)}.")
+    # `org/name`; `models/sd15.safetensors` is a missing file, not a hub id.
+    looks_like_hub_id = (
+        spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and local.suffix not in SINGLE_FILE_SUFFIXES
+    )
     if not looks_like_hub_id:
-        raise KilnError(
-            f"{key}: '{spec}' is not a folder. Point {key} at a local model folder, a hub id, "
-            f"or a preset ({', '.join(sorted(PRESETS))})."
-        )
+        raise KilnError(f"{key}: '{spec}' not found. Point {key} at {accepted_models(key)}.")
     from huggingface_hub import snapshot_download
 
     try:
@@ -108,11 +119,11 @@ def resolve_model(spec: str, key: str) -> ResolvedModel:
         try:
             folder = snapshot_download(repo_id=spec)
         except Exception as exc:
+            name = spec.split("/")[1]
             raise KilnError(
-                f"{key}: '{spec}' is not in the local hub cache and could not be downloaded "
-                f"({exc.__class__.__name__}). To work offline, download it where there is network "
-                f"(`hf download {spec} --local-dir /models/{spec.split('/')[1]}`), copy the folder here, "
-                f"and set {key}: /models/{spec.split('/')[1]}"
+                f"{key}: '{spec}' not found: no such local folder, not in the local hub cache, and it could not be "
+                f"downloaded ({exc.__class__.__name__}). To work offline, download it where there is network "
+                f"(`hf download {spec} --local-dir /models/{name}`), copy the folder here, and set {key}: /models/{name}"
             ) from None
     return ResolvedModel(Path(folder), spec.split("/")[1])
 

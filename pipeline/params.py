@@ -597,6 +597,14 @@ SAMPLER_ALIASES = {
 }
 
 
+def sampler_name(value: Any) -> Any:
+    """A sampler's name as SAMPLERS spells it, from kohya's `k_` names and A1111's ("DPM++ 2M") in any case."""
+    if isinstance(value, str):
+        name = value.strip().lower()
+        return SAMPLER_ALIASES.get(name, name)
+    return value
+
+
 class TrainParams(Section):
     SECTION: ClassVar[str] = "train"
 
@@ -958,10 +966,7 @@ class TrainParams(Section):
     @field_validator("sample_sampler", mode="before")
     @classmethod
     def _sampler_name(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            name = value.strip().lower()
-            return SAMPLER_ALIASES.get(name, name)
-        return value
+        return sampler_name(value)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -1045,17 +1050,17 @@ def _valid_keys(section: str) -> list[str]:
     return [key for name, field in model.model_fields.items() for key in field_names(name, field)]
 
 
-def _suggestion(word: str, choices: Sequence[str]) -> str:
+def suggestion(word: str, choices: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(choices)}"
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """Escape line breaks and other unprintable characters (a key may hold any), so a problem stays one line."""
     return "".join(char if char.isprintable() else char.encode("unicode_escape").decode() for char in text)
 
 
-def _clipped(text: str) -> str:
+def clipped(text: str) -> str:
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
@@ -1074,7 +1079,7 @@ def _format_error(error: dict[str, Any], source: str) -> str:
     key = ".".join(loc)
     if error["type"] == "extra_forbidden":
         if len(loc) == 1:
-            return f"{source}: unknown section '{loc[0]}'{_suggestion(loc[0], list(sections()))}"
+            return f"{source}: unknown section '{loc[0]}'{suggestion(loc[0], list(sections()))}"
         section, name = loc[0], loc[-1]
         if len(loc) == 2 and section in sections():
             # kohya and EveryDream2 keep every option in one namespace: `resolution` set under train is
@@ -1087,13 +1092,13 @@ def _format_error(error: dict[str, Any], source: str) -> str:
             if other != section and ratio >= 0.8:
                 problem = f"not a {section} key" if ratio == 1 else f"unknown key in section '{section}'"
                 return f"{source}: {key}: {problem}; did you mean {other}.{choice}?"
-        return f"{source}: {key}: unknown key in section '{section}'{_suggestion(name, _valid_keys(section))}"
+        return f"{source}: {key}: unknown key in section '{section}'{suggestion(name, _valid_keys(section))}"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "int_parsing_size":  # pydantic's wording speaks of strings, whatever the input
         message = INT64_MESSAGE
     if error["type"] == "model_type" or error["type"] == "dict_type":
-        return f"{source}: {key}: must be a mapping of keys to values (got {_clipped(repr(error['input']))})"
-    return f"{source}: {key}: {message} (got {_clipped(repr(error['input']))})"
+        return f"{source}: {key}: must be a mapping of keys to values (got {clipped(repr(error['input']))})"
+    return f"{source}: {key}: {message} (got {clipped(repr(error['input']))})"
 
 
 def _origin(loc: tuple[str, ...], source: str, lines: Mapping[tuple[str, ...], int], overrides: Mapping[tuple[str, ...], str]) -> str:
@@ -1115,11 +1120,11 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     key, sep, value = override.partition("=")
     path = [part.strip() for part in key.split(".")]
     if not sep or len(path) < 2 or not all(path):
-        raise ParamsError(f"--set {_one_line(override)}: expected section.key=value, for example --set train.lr=1e-4")
+        raise ParamsError(f"--set {one_line(override)}: expected section.key=value, for example --set train.lr=1e-4")
     try:
         parsed = yaml.load(value, Loader=_Loader) if value.strip() else None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"--set {_one_line(override)}: value is not valid YAML ({exc.__class__.__name__})") from exc
+        raise ParamsError(f"--set {one_line(override)}: value is not valid YAML ({exc.__class__.__name__})") from exc
     return path, parsed
 
 
@@ -1139,7 +1144,7 @@ def _apply_override(raw: dict[str, Any], path: list[str], value: Any, override: 
     for part in path[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ParamsError(f"--set {_one_line(override)}: '{part}' is a value, not a section")
+            raise ParamsError(f"--set {one_line(override)}: '{part}' is a value, not a section")
         node = child
     node[path[-1]] = value
     return decided
@@ -1164,10 +1169,10 @@ def validate_params(
         # Raised by a cross-field check; its message starts with the key it blames.
         named = re.match(r"(\w+(?:\.\w+)+): ", str(exc))
         origin = _origin(tuple(named.group(1).split(".")) if named else (), source, lines, overrides)
-        raise ParamsError(_one_line(f"{origin}: {exc}")) from None
+        raise ParamsError(one_line(f"{origin}: {exc}")) from None
     except ValidationError as exc:
         problems = [
-            _one_line(_format_error(error, _origin(tuple(_key_path(error["loc"])), source, lines, overrides)))
+            one_line(_format_error(error, _origin(tuple(_key_path(error["loc"])), source, lines, overrides)))
             for error in exc.errors()
         ]
         raise ParamsError("\n".join(problems)) from None
@@ -1191,7 +1196,7 @@ def load_params(path: Path | str = "params.yaml", overrides: Sequence[str] = ())
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found (run from the project root, or pass --params)")
-    raw, lines = _read_yaml(path)
+    raw, lines = read_yaml(path)
     if raw is None:
         raw = {}  # an empty file (or only comments): every default
     if not isinstance(raw, dict):
@@ -1200,7 +1205,7 @@ def load_params(path: Path | str = "params.yaml", overrides: Sequence[str] = ())
     for override in overrides:
         key_path, value = parse_override(override)
         for decided in _apply_override(raw, key_path, value, override):
-            overridden[decided] = _one_line(_clipped(override))
+            overridden[decided] = one_line(clipped(override))
     return validate_params(raw, source=str(path), lines=lines, overrides=overridden)
 
 
@@ -1208,7 +1213,7 @@ def load_params(path: Path | str = "params.yaml", overrides: Sequence[str] = ())
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _read_yaml(path: Path) -> tuple[Any, dict[tuple[str, ...], int]]:
+def read_yaml(path: Path) -> tuple[Any, dict[tuple[str, ...], int]]:
     """The file's data, and the line of every key in it (list items by index), for error messages."""
     data = path.read_bytes()
     try:
@@ -1227,7 +1232,7 @@ def _read_yaml(path: Path) -> tuple[Any, dict[tuple[str, ...], int]]:
         else:  # a ReaderError (a character YAML forbids) has only its position
             line = text.count("\n", 0, getattr(exc, "position", 0)) + 1
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ParamsError(_one_line(f"{path}:{line}: not valid YAML: {problem}")) from None
+        raise ParamsError(one_line(f"{path}:{line}: not valid YAML: {problem}")) from None
     finally:
         loader.dispose()
 

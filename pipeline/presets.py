@@ -257,6 +257,16 @@ PRESETS: dict[str, Callable[[Path], None]] = {
     "tiny-wd14": build_tiny_wd14,
 }
 
+# The presets that fit each params key, for the error messages that list them. Every key not named
+# here (model.base, model.config, cache.vae) takes a Stable Diffusion model.
+SD_PRESETS = ("tiny-sd15", "tiny-sdxl")
+KEY_PRESETS = {"caption.model": ("tiny-blip",), "tag.model": ("tiny-wd14", "tiny-clip")}
+
+
+def presets_for(key: str) -> tuple[str, ...]:
+    """The presets a params key may name: `caption.model` a captioner, `tag.model` a tagger, else a SD model."""
+    return KEY_PRESETS.get(key, SD_PRESETS)
+
 
 def preset_dir(name: str) -> Path:
     """The folder of a built-in preset, built on first use (atomically, so a killed build leaves nothing)."""

@@ -230,15 +230,20 @@ def _folder_files(folder: Path, recursive: bool) -> list[Path]:
     return sorted(files)
 
 
+def layout_hint(data_root: Path) -> str:
+    """Where images go: the kohya layout, said the same way for a missing and for an empty data root."""
+    return (
+        f"Put images in {data_root}/train/<repeats>_<class tokens>/ "
+        f"(for example '{data_root}/train/10_sks dog/'), or run `kiln demo-data`."
+    )
+
+
 def discover(
     data_root: Path, cfg: ScanParams, result_warnings: list[str]
 ) -> tuple[list[Candidate], list[dict[str, Any]]]:
     """Find every image under train/ and reg/; return candidates and the files of skipped folders."""
     if not any((data_root / subset).is_dir() for subset in SUBSETS):
-        raise KilnError(
-            f"{data_root}: no train/ or reg/ folder. Put images in {data_root}/train/<repeats>_<class tokens>/ "
-            f"(for example '{data_root}/train/10_sks dog/'), or run `kiln demo-data`."
-        )
+        raise KilnError(f"{data_root}: no train/ or reg/ folder. {layout_hint(data_root)}")
     candidates: list[Candidate] = []
     skipped: list[dict[str, Any]] = []
     for subset in SUBSETS:
@@ -682,15 +687,42 @@ def file_rows(images: list[dict[str, Any]], data_root: Path) -> list[dict[str, A
     return rows
 
 
+class EmptyDataset(KilnError):
+    """No image was accepted: every later stage would fail on it, each in its own words. `result` holds
+    the rejected rows, which the CLI names before this message."""
+
+    def __init__(self, message: str, result: ScanResult):
+        super().__init__(message)
+        self.result = result
+
+
+def _check_not_empty(result: ScanResult, paths: ScanPaths) -> None:
+    if result.images:
+        return
+    rejected = len(result.rejected)
+    files = "1 file" if rejected == 1 else f"{rejected} files"
+    why = f"{files} found, all rejected (see {paths.rejected})" if rejected else "no image files found"
+    raise EmptyDataset(f"{paths.data_root}: no images to train on: {why}. {layout_hint(paths.data_root)}", result)
+
+
 def run(cfg: ScanParams, paths: ScanPaths) -> ScanResult:
-    """Scan paths.data_root; write images.parquet, files.parquet, rejected.parquet, summary.json, probe cache."""
+    """Scan paths.data_root; write images.parquet, files.parquet, rejected.parquet, summary.json, probe cache.
+
+    When no image is accepted, only rejected.parquet, summary.json and the probe cache are written (so the
+    user can read why), any earlier images.parquet and files.parquet are removed (no later stage runs on
+    a stale dataset), and EmptyDataset is raised."""
     def save_probes(rows: list[dict[str, Any]]) -> None:
         write_table(rows, PROBE_SCHEMA, paths.probe_cache)
 
     result, new_cache = scan(paths.data_root, cfg, _load_probe_cache(paths.probe_cache), save_probes)
-    write_table(result.images, IMAGES_SCHEMA, paths.images)
-    write_table(file_rows(result.images, paths.data_root), FILES_SCHEMA, paths.files)
+    if result.images:
+        write_table(result.images, IMAGES_SCHEMA, paths.images)
+        write_table(file_rows(result.images, paths.data_root), FILES_SCHEMA, paths.files)
+    else:
+        paths.images.unlink(missing_ok=True)
+        paths.files.unlink(missing_ok=True)
     write_table(result.rejected, REJECTED_SCHEMA, paths.rejected)
     write_json(result.summary, paths.summary)
     write_table(new_cache, PROBE_SCHEMA, paths.probe_cache)
+    _check_not_empty(result, paths)
     return result

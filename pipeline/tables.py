@@ -43,7 +43,8 @@ def honour_umask(path: Path) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) to a temporary file beside path, then rename it over path: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -63,7 +64,13 @@ def write_table(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> No
     """Write rows (already in their final order) as a Parquet file with exactly this schema."""
     columns = {name: [row.get(name) for row in rows] for name in schema.names}
     table = pa.Table.from_pydict(columns, schema=schema)
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def require(path: Path, written_by: str) -> None:
+    """A stage's input exists, or one line naming the stage that writes it."""
+    if not Path(path).is_file():
+        raise KilnError(f"{path}: not found; run `kiln {written_by}` first")
 
 
 class DamagedTable(KilnError):
@@ -86,4 +93,4 @@ def read_table(path: Path, written_by: str | None = None) -> list[dict[str, Any]
 
 def write_json(data: Any, path: Path) -> None:
     text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

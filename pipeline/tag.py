@@ -37,7 +37,7 @@ from pipeline.inference import (
     run_cached,
 )
 from pipeline.params import TagParams
-from pipeline.tables import read_table, write_json, write_table
+from pipeline.tables import read_table, require, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +268,7 @@ def make_tagger(folder: Path, cfg: TagParams, vocabulary: list[str]) -> Any:
 
 def run(cfg: TagParams, paths: TagPaths, tagger_factory: Any = make_tagger) -> TagResult:
     """Write tags.parquet and tag_frequency.json, running the model only for uncached images."""
-    if not paths.images.is_file():
-        raise KilnError(f"{paths.images}: not found; run `kiln scan` first")
+    require(paths.images, "scan")
     # files.parquet (no captions), so a caption edit never reruns tagging.
     images = sorted(read_table(paths.images, "scan"), key=lambda row: row["image_id"])
     if cfg.model is None:

@@ -35,11 +35,11 @@ from pipeline.noise import NoiseSettings
 from pipeline.objective import DiffusionObjective, Objective
 from pipeline.optim import build_optimizer, build_scheduler, check_optimizer_args, optimizer_class, scaled_lr
 from pipeline.params import Params, TrainParams, declared_values, load_params
-from pipeline.samples import Sampler
+from pipeline.samples import Sampler, check_sample_prompts
 from pipeline.saving import RunSummary, run_times, save_outputs, training_metadata
 from pipeline.sd import SDComponents, load_components, set_attention
 from pipeline.step import StepOutput, TrainingStep
-from pipeline.tables import read_table, write_json
+from pipeline.tables import read_table, require, write_json
 from pipeline.validation import Validator, held_out
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,14 @@ def run_identity(params: Params, plan: Path) -> RunIdentity:
     return RunIdentity(values)
 
 
+def check_inputs(paths: TrainPaths) -> None:
+    """The plan and the latent index exist, or one line naming the stage that writes the missing one.
+    The loader reads a local store's own index.parquet, and a streamed store's from paths.index."""
+    index = paths.index if is_remote(paths.store) else Path(paths.store) / "index.parquet"
+    for table, stage in ((Path(paths.plan), "balance"), (Path(index), "cache")):
+        require(table, stage)
+
+
 def load_model(params: Params) -> SDComponents:
     """The base model's parts, with model.v_parameterization overriding its prediction type."""
     components = load_components(params.model.base, config=params.model.config)
@@ -235,11 +243,14 @@ def reload_settings(current: TrainParams, params_file: Path, overrides: tuple[st
 def run(params: Params, paths: TrainPaths, resume: str | None = None) -> TrainResult:
     from accelerate import Accelerator
 
-    # --- run identity, resume source and seed: a run resumes only its own checkpoints ---------------
+    # --- inputs, run identity, resume source and seed: a run resumes only its own checkpoints ---------
+    # All checked before the model loads (the slow part), and before anything is written.
     started_at = time.time()  # the metadata's ss_training_started_at; a resumed run keeps its first (checkpoints)
     run_dir = paths.run_dir(params.train.output_name)
-    # Before the model loads (the slow part): optimizer_args the optimizer would refuse at its first use.
+    check_inputs(paths)
+    # optimizer_args the optimizer would refuse at its first use.
     check_optimizer_args(optimizer_class(params.train.optimizer), params.train.optimizer_args)
+    check_sample_prompts(params.train)  # a prompt file's problems, and a sampler's missing library
     identity = run_identity(params, paths.plan)
     source = resume_source(run_dir / "checkpoints", resume, identity)
     seed = resolve_seed(params.train.seed, source)
@@ -314,7 +325,7 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None) -> TrainRe
     progress = tqdm(total=total_steps, initial=global_step, desc="train", unit="step", disable=not accelerator.is_main_process)
     training = Training(
         cfg, paths, accelerator, components, step, optimizer, scheduler, loader, network.trainable, total_steps,
-        validator, ema, checkpointer, sampler, logger, progress,
+        validator, ema, checkpointer, sampler, logger, progress, validation_points=checkpointer.history.validation_points,
     )
 
     # --- the loop ----------------------------------------------------------------------------------
@@ -344,7 +355,7 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None) -> TrainRe
             write_timesteps(training.timesteps_log, run_dir / "logs" / "timesteps.parquet")
     # metrics.json holds what judges a run (`dvc metrics diff`, `dvc exp show`); throughput varies from
     # run to run, so it goes to perf.json, which DVC tracks as a plain output and never diffs.
-    validated = [value for value in result.validation_losses if value is not None]
+    validated = [value for _, value in training.validation_points]  # a resumed run's included
     logger.finish(
         {"steps": result.global_step, "final_loss": result.losses[-1] if result.losses else None,
          "best_loss": min(result.losses) if result.losses else None,
@@ -362,11 +373,14 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None) -> TrainRe
 
 def fit(t: Training, global_step: int, stop: StopRequest) -> TrainResult:
     """Epochs of optimizer steps until total_steps; logging, validation, checkpoints and samples on their cadence."""
-    result = TrainResult(global_step)
+    # The checkpointer's history: the losses before a resume are in it, and it saves what the loop appends.
+    result = TrainResult(global_step, losses=t.checkpointer.history.losses)
     # Tests and wrappers wait for this line: from here on, Ctrl-C and SIGTERM save a checkpoint.
     log.info("train: ready at step %d of %d; Ctrl-C or SIGTERM saves a checkpoint", global_step, t.total_steps)
     if t.cfg.reflow_steps and global_step == 0:
         reflow(t.step, t.loader, t.optimizer, t.cfg)
+    if global_step >= t.total_steps:
+        draw_final_samples(t, global_step)
     while global_step < t.total_steps:
         epoch = t.loader.epoch
         if t.cfg.load_settings_every_epoch and t.paths.params_file and global_step > 0:
@@ -477,7 +491,7 @@ def after_step(t: Training, result: TrainResult, global_step: int, output: StepO
     if due(cfg.save_every_n_steps, global_step):
         with t.throughput.excluding("checkpoints"):
             t.checkpointer.save(f"step-{global_step:08d}", global_step)
-    if due(cfg.sample_every_n_steps, global_step):
+    if due(t.sampler.every_n_steps, global_step):
         with t.throughput.excluding("samples"):
             t.sampler.draw(f"step-{global_step:08d}", global_step, t.accelerator.unwrap_model(t.step.unet), t.ema, cfg.clip_skip)
 
@@ -487,6 +501,19 @@ def after_epoch(t: Training, epochs_done: int, global_step: int) -> None:
     if due(t.cfg.save_every_n_epochs, epochs_done):
         with t.throughput.excluding("checkpoints"):
             t.checkpointer.save(f"epoch-{epochs_done:04d}", global_step)
-    if due(t.cfg.sample_every_n_epochs, epochs_done):
+    if due(t.sampler.every_n_epochs, epochs_done):
         with t.throughput.excluding("samples"):
             t.sampler.draw(f"epoch-{epochs_done:04d}", global_step, t.accelerator.unwrap_model(t.step.unet), t.ema, t.cfg.clip_skip)
+
+
+def draw_final_samples(t: Training, global_step: int) -> None:
+    """A run resumed from its final checkpoint trains no step, so nothing in the loop draws: draw what its
+    last step and epoch drew. `dvc repro` reruns train so when only a NOT_WEIGHTS key changed (sample_prompts,
+    say) or a declared output is missing, and resumes (the run identity is unchanged)."""
+    unet = t.accelerator.unwrap_model(t.step.unet)
+    epochs_done = t.loader.epoch + 1  # the loop stops inside the epoch of its last step (as in `run`)
+    with t.throughput.excluding("samples"):
+        if due(t.sampler.every_n_steps, global_step):
+            t.sampler.draw(f"step-{global_step:08d}", global_step, unet, t.ema, t.cfg.clip_skip)
+        if due(t.sampler.every_n_epochs, epochs_done):
+            t.sampler.draw(f"epoch-{epochs_done:04d}", global_step, unet, t.ema, t.cfg.clip_skip)

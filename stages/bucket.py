@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pipeline import bucket
 from stages.common import ParamsOption, SetOption, console, load, run_single, user_errors
 
 
@@ -23,6 +22,8 @@ def main(
 
     The bucket set comes from bucket.resolution, min_bucket_reso, max_bucket_reso and bucket_reso_steps.
     """
+    from pipeline import bucket
+
     cfg = load(params, overrides).bucket
     result = bucket.run(cfg, bucket.BucketPaths(files, out))
     table = Table(title=f"bucket: {len(result.rows)} images in {len(result.counts)} buckets")

@@ -7,9 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline import cache
 from pipeline.errors import KilnError
-from pipeline.images import allow_pixels
 from stages.common import (
     DataRootOption,
     ParamsOption,
@@ -29,7 +27,7 @@ def main(
     gc: Annotated[bool, typer.Option("--gc", help="Drop the latents no current input uses (the store is left as a fresh build would write it).")] = False,
     buckets: Annotated[Path, typer.Option(help="The bucket stage's table.")] = Path("data/bucket/buckets.parquet"),
     files: Annotated[Path, typer.Option(help="The scan stage's file table.")] = Path("data/scan/files.parquet"),
-    data_root: DataRootOption = Path("data/raw"),
+    data_root: DataRootOption = None,
     store: Annotated[Path, typer.Option(help="The latent store (shards, index.parquet).")] = Path("data/latents"),
 ) -> None:
     """Encode every bucketed crop with the VAE of model.base (or cache.vae) into sharded tars.
@@ -38,12 +36,16 @@ def main(
     resumes where it stopped. Run on several GPUs with `accelerate launch --num_processes N -m stages.cache`.
     An image that cannot be encoded is named, and the stage exits non-zero once every other latent is stored.
     """
+    from pipeline import cache
+    from pipeline.images import allow_pixels
+
     loaded = load(params, overrides)
     # Open every image scan accepted, however large: one pixel limit for all stages.
     allow_pixels(loaded.scan.max_pixels)
     result = cache.run(
         loaded.cache, loaded.model.base, loaded.bucket.interpolation,
-        cache.CachePaths(buckets, files, data_root, store), gc=gc, base_config=loaded.model.config,
+        cache.CachePaths(buckets, files, data_root or Path(loaded.scan.data_root), store), gc=gc,
+        base_config=loaded.model.config,
     )
     console.print(
         f"cache: {result.encoded} encoded, {result.reused} reused, {result.repaired} repaired, "

@@ -1,4 +1,8 @@
-"""What every stage CLI shares: the --params/--set options, logging, and user-facing errors."""
+"""What every stage CLI shares: the --params/--set options, logging, and user-facing errors.
+
+Kept light, as every stage module is: `kiln --help` imports them all, so torch, diffusers and the
+pyarrow- or pydantic-heavy pipeline modules are imported inside the commands that use them.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,16 @@ import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
 from pipeline.errors import KilnError
-from pipeline.params import Params, load_params
+
+if TYPE_CHECKING:
+    from pipeline.params import Params
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
@@ -32,7 +38,15 @@ SetOption = Annotated[
     ),
 ]
 
-DataRootOption = Annotated[Path, typer.Option("--data-root", help="The folder image paths are relative to.")]
+DataRootOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-root",
+        help="The folder image paths are relative to (holding train/ and reg/). Default: scan.data_root from params.yaml.",
+        metavar="PATH",
+        show_default=False,
+    ),
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,6 +63,8 @@ def setup_logging() -> None:
 
 
 def load(params: Path, overrides: list[str] | None) -> Params:
+    from pipeline.params import load_params
+
     return load_params(params, overrides or [])
 
 
@@ -71,6 +87,9 @@ def user_errors(command: F) -> F:
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]: finished outputs were kept; rerun to continue")
+            # The last line: a Ctrl-C inside `import torch` leaves torch's loggers unconfigured, and its
+            # exit hook would log cache statistics through ours.
+            logging.disable(logging.INFO)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

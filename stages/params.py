@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 import yaml
 
-from pipeline.params import explain as explain_lines
 from stages.common import ParamsOption, SetOption, console, load, run_single, user_errors
 
 
@@ -19,6 +18,8 @@ def main(
     explain: Annotated[bool, typer.Option("--explain", help="Document every key: type, default, help.")] = False,
 ) -> None:
     """Validate params.yaml (with any --set overrides) and print the resolved values."""
+    from pipeline.params import explain as explain_lines
+
     if explain:
         for line in explain_lines():
             console.print(line, highlight=False, markup=False, soft_wrap=True)

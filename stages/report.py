@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from pipeline.errors import KilnError
-from pipeline.report import build_report
 from stages.common import console, run_single, user_errors
 
 
@@ -23,6 +22,8 @@ def main(
 ) -> None:
     """Compare this workspace's dvc.lock outputs and metrics.json with the committed ones and write a report
     (metrics with deltas, the loss curve, the latest sample grid). Exits 2 when the run did not reproduce."""
+    from pipeline.report import build_report
+
     report = build_report(run, out, tolerance, revision)
     console.print(f"report: wrote {out}")
     if not report.reproduced:

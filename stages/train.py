@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from pipeline import train
 from stages.common import ParamsOption, SetOption, console, load, run_single, user_errors
 
 
@@ -31,6 +30,8 @@ def main(
 ) -> None:
     """Train a LoRA (kohya key format, ss_* metadata) with accelerate; Ctrl-C or SIGTERM saves a
     checkpoint that `kiln train` (or `dvc repro`) continues exactly. Several GPUs: `accelerate launch -m stages.train`."""
+    from pipeline import train
+
     loaded = load(params, overrides)
     paths = train.TrainPaths(plan, latents, index, models, params, tuple(overrides or ()))
     result = train.run(loaded, paths, resume=resume)

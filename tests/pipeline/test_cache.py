@@ -369,7 +369,7 @@ def test_tiny_sdxl_stores_time_id_fields(project):
 
 
 def test_vae_override_and_missing_model(project):
-    with pytest.raises(KilnError, match="cache.vae: '/nowhere/vae' is not a folder"):
+    with pytest.raises(KilnError, match="cache.vae: '/nowhere/vae' not found"):
         project.cache(FAST.model_copy(update={"vae": "/nowhere/vae"}))
 
 

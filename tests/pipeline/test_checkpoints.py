@@ -26,7 +26,8 @@ def test_resume_gives_identical_weights(sd15, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert resumed.losses == straight.losses[5:]
+    # The loss history travels in the checkpoint: the resumed run reports all 10 steps.
+    assert resumed.losses == straight.losses
 
 
 def test_ema_is_saved_in_checkpoints_and_resumes_exactly(sd15, tmp_path):
@@ -163,7 +164,7 @@ def test_runs_do_not_hijack_each_other(sd15, tmp_path):
         run(run_b, paths, resume="auto")  # A's checkpoints are not B's: a fresh start
     assert [path.name for path in checkpoints(folder)] == ["step-00000002", "interrupted", "step-00000004", "step-00000006"]
     b = run(run_b, paths, resume="auto")
-    assert len(b.losses) == 3  # steps 4 to 6, from B's own interrupt at step 3
+    assert len(b.losses) == 6  # steps 4 to 6 trained now, 1 to 3 from B's own interrupt at step 3
     weights_b = load_file(str(b.output))  # the same path as A's: B's weights, not a copy of A's
     assert any(not torch.equal(weights_a[key], weights_b[key]) for key in weights_a)
     # B's later saves superseded its interrupt and replaced A's same-named step-4 and step-6.
@@ -172,6 +173,26 @@ def test_runs_do_not_hijack_each_other(sd15, tmp_path):
         run(params_for("tiny-sd15", max_train_steps=6, learning_rate=1e-3), paths, resume="latest")
     # Each run has its own TensorBoard folder.
     assert len(list((tmp_path / "kiln" / "logs").glob("run-*"))) == 2
+
+
+def test_a_resumed_run_reports_the_uninterrupted_runs_metrics_and_loss_curve(sd15, tmp_path):
+    from pipeline.train import Interrupted
+
+    project, plan = sd15
+    settings = params_for("tiny-sd15", max_train_steps=6, save_every_n_steps=2)
+    straight = run(settings, train_paths(project, plan, tmp_path / "a"))
+    with sigterm_during_step(4), pytest.raises(Interrupted):
+        run(settings, train_paths(project, plan, tmp_path / "b"))
+    resumed = run(settings, train_paths(project, plan, tmp_path / "b"))
+    assert resumed.losses == straight.losses and len(resumed.losses) == 6
+    for name in ("metrics.json", "loss.png"):
+        assert (tmp_path / "b/kiln" / name).read_bytes() == (tmp_path / "a/kiln" / name).read_bytes(), name
+    # Rerun once finished (what `dvc repro` does when a declared output is missing): the same report again.
+    (tmp_path / "b/kiln/loss.png").unlink()
+    again = run(settings, train_paths(project, plan, tmp_path / "b"))
+    assert again.losses == straight.losses
+    for name in ("metrics.json", "loss.png"):
+        assert (tmp_path / "b/kiln" / name).read_bytes() == (tmp_path / "a/kiln" / name).read_bytes(), name
 
 
 def cut_short(path):
@@ -313,4 +334,4 @@ def test_the_trainer_resumes_the_newest_checkpoint_that_is_not_damaged(sd15, tmp
         resumed = run(settings, paths, resume="latest")
     assert f"{folder / 'interrupted' / 'weights.safetensors'}: damaged (" in caplog.text
     assert f"resumed from {folder / 'step-00000002'} at step 2" in caplog.text
-    assert resumed.global_step == 4 and len(resumed.losses) == 2
+    assert resumed.global_step == 4 and len(resumed.losses) == 4  # 2 from step-00000002, 2 trained now

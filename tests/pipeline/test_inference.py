@@ -47,9 +47,32 @@ def test_run_batched_reports_an_unreadable_image_and_goes_on():
     ]
 
 
-def test_missing_local_model_names_the_path(tmp_path):
-    with pytest.raises(KilnError, match=r"caption.model: '.*/nope' is not a folder"):
+def test_missing_local_model_names_the_path_and_the_presets_that_fit_the_key(tmp_path):
+    with pytest.raises(KilnError) as caught:
         resolve_model(str(tmp_path / "nope"), "caption.model")
+    assert str(caught.value) == (
+        f"caption.model: '{tmp_path / 'nope'}' not found. Point caption.model at a local model folder, "
+        "a hub id (org/name) or a preset (tiny-blip)."
+    )
+    with pytest.raises(KilnError, match=r"a hub id \(org/name\) or a preset \(tiny-wd14, tiny-clip\)\.$"):
+        resolve_model(str(tmp_path / "nope"), "tag.model")
+
+
+@pytest.mark.parametrize("spec", ["/models/sd15.safetensors", "models/sd15.safetensors"])
+def test_missing_base_checkpoint_is_not_found_and_single_files_are_accepted(spec):
+    # `models/sd15.safetensors` has one slash, but is a missing file, not a hub id to download.
+    with pytest.raises(KilnError) as caught:
+        resolve_model(spec, "model.base")
+    assert str(caught.value) == (
+        f"model.base: '{spec}' not found. Point model.base at a diffusers model folder, a single .safetensors/.ckpt "
+        "file, a hub id (org/name) or a preset (tiny-sd15, tiny-sdxl)."
+    )
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"weights")
+    with pytest.raises(KilnError, match=r"^model.base: '.*model.bin' is a file Kiln cannot load as a model\. Point"):
+        resolve_model(str(tmp_path / "model.bin"), "model.base")
 
 
 def test_uncached_hub_id_offline_says_how_to_provide_weights(monkeypatch):
@@ -57,7 +80,10 @@ def test_uncached_hub_id_offline_says_how_to_provide_weights(monkeypatch):
     with pytest.raises(KilnError) as caught:
         resolve_model("kiln-test/not-a-model", "tag.model")
     message = str(caught.value)
-    assert message.startswith("tag.model: 'kiln-test/not-a-model' is not in the local hub cache")
+    assert message.startswith(
+        "tag.model: 'kiln-test/not-a-model' not found: no such local folder, not in the local hub cache, and it "
+        "could not be downloaded ("
+    )
     assert "hf download kiln-test/not-a-model --local-dir /models/not-a-model" in message
 
 

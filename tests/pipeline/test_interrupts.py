@@ -33,6 +33,14 @@ def test_signals_only_set_the_request_and_the_old_handlers_come_back():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_signal_says_at_once_that_training_stops_after_this_step(capfd):
+    with stop_on_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert capfd.readouterr().err == "\nSIGINT: stopping after this step...\n"
+        os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C asks for the same stop
+        assert capfd.readouterr().err == "\nSIGINT: already stopping after this step...\n"
+
+
 def test_a_stop_saves_a_checkpoint_that_resumes_exactly(sd15, tmp_path):
     # In-process: a SIGTERM arrives during step 3 (the optimizer stepping); the step finishes, a checkpoint
     # is saved, and the resumed run ends with the weights of a run that was never stopped.
@@ -46,7 +54,7 @@ def test_a_stop_saves_a_checkpoint_that_resumes_exactly(sd15, tmp_path):
     assert [path.name for path in saved] == ["interrupted"]
     assert json.loads((saved[0] / "state.json").read_text())["global_step"] == 3
     resumed = run(params_for("tiny-sd15", max_train_steps=5), train_paths(project, plan, tmp_path / "b"), resume="latest")
-    assert resumed.losses == straight.losses[3:]
+    assert resumed.losses == straight.losses  # the first 3 from the checkpoint's history
     assert checkpoints(tmp_path / "b" / "kiln" / "checkpoints") == []  # the finished run superseded it
     a, b = load_file(str(straight.output)), load_file(str(resumed.output))
     assert all(torch.equal(a[key], b[key]) for key in a)

@@ -7,7 +7,7 @@ from PIL import Image
 
 from pipeline.errors import KilnError
 from pipeline.params import ScanParams
-from pipeline.scan import ScanPaths, parse_concept_folder, probe_image, run, scan
+from pipeline.scan import EmptyDataset, ScanPaths, parse_concept_folder, probe_image, run, scan
 from pipeline.tables import read_table
 from tests.conftest import image_bytes, write_image
 
@@ -447,3 +447,36 @@ def test_files_table_has_pixels_identity_and_mask_digest(demo_root, tmp_path):
     assert masked["mask_sha256"] == hashlib.sha256(mask_bytes).hexdigest()
     assert files["train/10_sks circle/circle_05.png"]["flip_p"] == 0.5
     assert "caption" not in files["train/10_sks circle/circle_05.png"]
+
+
+def test_an_empty_train_folder_fails_with_the_layout_hint(tmp_path):
+    root = tmp_path / "raw"
+    (root / "train" / "10_sks dog").mkdir(parents=True)
+    with pytest.raises(EmptyDataset) as error:
+        run(CFG, ScanPaths(root, tmp_path / "scan"))
+    assert str(error.value) == (
+        f"{root}: no images to train on: no image files found. Put images in {root}/train/<repeats>_<class tokens>/ "
+        f"(for example '{root}/train/10_sks dog/'), or run `kiln demo-data`."
+    )
+
+
+def test_only_rejected_images_fails_naming_how_many_and_keeps_rejected_parquet(tmp_path):
+    root, out = tmp_path / "raw", tmp_path / "scan"
+    write_image(root / "train/1_x/small.png", size=(16, 16))
+    (root / "train/1_x/empty.png").write_bytes(b"")
+    paths = ScanPaths(root, out)
+    # An earlier scan's tables go: no later stage may run on a dataset that is no longer there.
+    for table in (paths.images, paths.files):
+        table.parent.mkdir(parents=True, exist_ok=True)
+        table.write_bytes(b"stale")
+    with pytest.raises(EmptyDataset) as error:
+        run(CFG, paths)
+    assert str(error.value) == (
+        f"{root}: no images to train on: 2 files found, all rejected (see {out / 'rejected.parquet'}). "
+        f"Put images in {root}/train/<repeats>_<class tokens>/ (for example '{root}/train/10_sks dog/'), "
+        "or run `kiln demo-data`."
+    )
+    assert [(row["path"], row["reason"]) for row in read_table(paths.rejected)] == [
+        ("train/1_x/empty.png", "empty"), ("train/1_x/small.png", "too_small"),
+    ]
+    assert not paths.images.exists() and not paths.files.exists()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from pipeline.checkpoints import checkpoints
 from pipeline.errors import KilnError
 from pipeline.params import validate_params
-from pipeline.train import run
+from pipeline.train import TrainPaths, run
 from tests.conftest import params_for, prepared, train_paths, with_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -302,3 +302,43 @@ def test_nan_losses_in_a_row_stop_with_a_clear_error(sd15, tmp_path, monkeypatch
         run(settings, train_paths(project, plan, tmp_path))
     saved = checkpoints(tmp_path / "kiln" / "checkpoints")
     assert [json.loads((path / "state.json").read_text())["global_step"] for path in saved] == [1, 2]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """The trainer's model loader, made to fail the test if anything reaches it."""
+    import pipeline.train as train
+
+    def refuse(params):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(train, "load_model", refuse)
+
+
+def test_train_before_balance_says_what_to_run_before_loading_the_model(tmp_path, no_model_load):
+    plan = tmp_path / "data/plan/plan.parquet"
+    paths = TrainPaths(plan, tmp_path / "latents", tmp_path / "latents/index.parquet", tmp_path / "models")
+    with pytest.raises(KilnError) as error:
+        run(params_for("tiny-sd15"), paths)
+    assert str(error.value) == f"{plan}: not found; run `kiln balance` first"
+    assert not (tmp_path / "models").exists()
+
+
+def test_train_before_cache_says_what_to_run_before_loading_the_model(sd15, tmp_path, no_model_load):
+    _, plan = sd15
+    index = tmp_path / "latents/index.parquet"
+    with pytest.raises(KilnError) as error:
+        run(params_for("tiny-sd15"), TrainPaths(plan, tmp_path / "latents", index, tmp_path / "models"))
+    assert str(error.value) == f"{index}: not found; run `kiln cache` first"
+    assert not (tmp_path / "models").exists()
+
+
+def test_resume_latest_without_a_checkpoint_fails_before_loading_and_leaves_no_run_folder(sd15, tmp_path, no_model_load):
+    project, plan = sd15
+    with pytest.raises(KilnError) as error:
+        run(params_for("tiny-sd15"), train_paths(project, plan, tmp_path / "models"), resume="latest")
+    assert str(error.value) == (
+        f"--resume latest: no checkpoint in {tmp_path / 'models/kiln/checkpoints'}; "
+        "start this run fresh with --resume auto (the default) or --resume none"
+    )
+    assert not (tmp_path / "models").exists()

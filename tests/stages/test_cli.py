@@ -123,13 +123,13 @@ def test_disk_error_names_the_file_without_traceback(project, monkeypatch):
 def test_caption_and_tag_through_the_cli_with_presets(project):
     runner.invoke(app, ["demo-data"])
     runner.invoke(app, ["scan"])
-    caption = runner.invoke(app, ["caption", "--set", "caption.max_new_tokens=4"])
+    caption = runner.invoke(app, ["caption", "--set", "caption.model=tiny-blip", "--set", "caption.max_new_tokens=4"])
     assert caption.exit_code == 0, caption.output
-    assert "caption: 22 images; 11 with a model caption (11 generated now, 0 from the cache)" in plain(caption.output)
-    tag = runner.invoke(app, ["tag"])
+    assert "  model captions: 4 generated now, 0 from the cache" in plain(caption.output).splitlines()
+    tag = runner.invoke(app, ["tag", "--set", "tag.model=tiny-wd14"])
     assert tag.exit_code == 0, tag.output
-    assert "tag: 22 images tagged (22 now, 0 from the cache)" in plain(tag.output)
-    assert len(read_table(project / "data/tag/tags.parquet")) == 22
+    assert "tag: 14 images tagged by tiny-wd14 (14 now, 0 from the cache)" in plain(tag.output)
+    assert len(read_table(project / "data/tag/tags.parquet")) == 14  # train images only (tag.reg_images: false)
 
 
 def test_missing_caption_model_is_one_clear_line(project):
@@ -137,7 +137,7 @@ def test_missing_caption_model_is_one_clear_line(project):
     runner.invoke(app, ["scan"])
     result = runner.invoke(app, ["caption", "--set", "caption.model=/nowhere/blip"])
     assert result.exit_code == 2
-    assert "error: caption.model: '/nowhere/blip' is not a folder" in plain(result.output)
+    assert "error: caption.model: '/nowhere/blip' not found. Point caption.model at a local model folder" in plain(result.output)
 
 
 @pytest.fixture
@@ -152,13 +152,15 @@ def one_image(project):
 @pytest.mark.parametrize(
     ("stage", "done"),
     [
-        ("caption", "caption: 1 images; 1 with a model caption (1 generated now, 0 from the cache)"),
-        ("tag", "tag: 1 images tagged (1 now, 0 from the cache)"),
+        ("caption", "model captions: 1 generated now, 0 from the cache"),
+        ("tag", "tag: 1 images tagged by tiny-wd14 (1 now, 0 from the cache)"),
         ("cache", "cache: 1 encoded, 0 reused, 0 repaired, 0 garbage"),
     ],
 )
 def test_image_stages_open_images_under_scan_max_pixels_only(one_image, monkeypatch, stage, done):
-    refused = runner.invoke(app, [stage, "--set", "scan.max_pixels=1000"])
+    # caption and tag are off unless a model is set: the tiny presets stand in for real ones.
+    model = {"caption": ["--set", "caption.model=tiny-blip"], "tag": ["--set", "tag.model=tiny-wd14"]}.get(stage, [])
+    refused = runner.invoke(app, [stage, *model, "--set", "scan.max_pixels=1000"])
     # Pillow refuses outright past twice its limit, and only warns between the two.
     assert (
         "  failed train/1_x/a.png: cannot read image (DecompressionBombError: Image size (65536 pixels) exceeds "
@@ -167,7 +169,7 @@ def test_image_stages_open_images_under_scan_max_pixels_only(one_image, monkeypa
     # Pillow's own limit lowered under the image: only scan.max_pixels, which scan accepted it under,
     # lets the stage open it.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    opened = runner.invoke(app, [stage])
+    opened = runner.invoke(app, [stage, *model])
     assert opened.exit_code == 0, opened.output
     assert done in plain(opened.output)
 
@@ -196,3 +198,81 @@ def test_cache_names_the_images_it_could_not_encode_exits_non_zero_and_balance_s
         "error: reg/1_shape/shape_01.png: `kiln cache` could not encode this image (it printed why); fix or remove "
         "it, then rerun from `kiln scan`\n"
     )
+
+
+HINT = "Put images in data/raw/train/<repeats>_<class tokens>/ (for example 'data/raw/train/10_sks dog/'), or run `kiln demo-data`."
+
+
+def test_an_empty_dataset_fails_the_scan_with_the_layout_hint(project):
+    (project / "data/raw/train/10_sks dog").mkdir(parents=True)
+    result = runner.invoke(app, ["scan"])
+    assert result.exit_code == 2
+    assert plain(result.output).splitlines() == [f"error: data/raw: no images to train on: no image files found. {HINT}"]
+
+
+def test_only_rejected_images_are_named_and_the_scan_fails(project):
+    for index in range(7):
+        (project / f"data/raw/train/1_x/empty{index}.png").parent.mkdir(parents=True, exist_ok=True)
+        (project / f"data/raw/train/1_x/empty{index}.png").write_bytes(b"")
+    result = runner.invoke(app, ["scan"])
+    assert result.exit_code == 2
+    assert plain(result.output).splitlines() == [
+        *(f"  rejected train/1_x/empty{index}.png: empty (file is zero bytes)" for index in range(5)),
+        "  ... and 2 more (see data/scan/rejected.parquet)",
+        "error: data/raw: no images to train on: 7 files found, all rejected (see data/scan/rejected.parquet). " + HINT,
+    ]
+    assert len(read_table(project / "data/scan/rejected.parquet")) == 7
+
+
+def test_rejected_images_are_named_with_their_reason(project):
+    write_image(project / "data/raw/train/1_x/good.png")
+    write_image(project / "data/raw/train/1_x/small.png", size=(8, 8))
+    result = runner.invoke(app, ["scan"])
+    assert result.exit_code == 0, result.output
+    assert "  rejected train/1_x/small.png: too_small (8x8: shorter side below scan.min_side=256)" in plain(result.output).splitlines()
+
+
+def test_the_data_root_comes_from_params(project):
+    write_image(project / "photos/train/1_x/a.png", size=(256, 256))
+    moved = ["--set", "scan.data_root=photos"]
+    scan = runner.invoke(app, ["scan", *moved])
+    assert scan.exit_code == 0, scan.output
+    assert "scan: 1 images, 0 rejected" in plain(scan.output)
+    assert runner.invoke(app, ["bucket"]).exit_code == 0
+    cache = runner.invoke(app, ["cache", *moved])
+    assert cache.exit_code == 0, cache.output
+    assert "cache: 1 encoded" in plain(cache.output)
+
+
+def test_train_before_balance_says_which_stage_to_run(project):
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 2
+    assert plain(result.output).splitlines() == ["error: data/plan/plan.parquet: not found; run `kiln balance` first"]
+
+
+def test_importing_the_cli_imports_no_heavy_module():
+    # `kiln --help` imports stages.cli; torch alone takes seconds to import. Typer and the stage modules
+    # load inside main(), where a Ctrl-C is caught: the console script imports this module before that.
+    heavy = ["torch", "diffusers", "transformers", "accelerate", "pyarrow", "typer", "stages.common"]
+    code = f"import sys, stages.cli; print([name for name in {heavy!r} if name in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    # Building the app (what `kiln --help` does) loads every stage module, and still no torch.
+    code = "import sys, stages.cli; stages.cli.build_app(); print('torch' in sys.modules, 'pyarrow' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False False"
+
+
+def test_ctrl_c_before_the_command_runs_is_one_line(monkeypatch, capsys):
+    import stages.cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages.cli, "build_app", lambda: interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        stages.cli.main()
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == "interrupted\n"

@@ -23,7 +23,7 @@ from pipeline.errors import KilnError
 from pipeline.models import find_vae
 from pipeline.params import Params, SamplePrompt, TrainParams
 from pipeline.prompts import PromptFile, load_sample_prompts
-from pipeline.sd import SDComponents
+from pipeline.sd import SDComponents, encode_text
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,8 @@ def render(
     """One image per prompt, each from its own seed, with `sampler` (a prompt's own, when it names one) on
     the base's schedule.
 
-    clip_skip is the trainer's (1 = last layer); diffusers counts the layers skipped. A zero-terminal-SNR
+    The prompts are encoded as training encodes captions (pipeline.sd.encode_text: clip_skip, SDXL's pooled
+    embedding and empty-prompt zeros), and handed to the pipeline as embeddings. A zero-terminal-SNR
     model samples with the rescaled betas from the last timestep ("trailing"), as Lin et al. prescribe, with
     the schedulers that can rescale them; the others keep the base's schedule, as kohya's samplers do.
     """
@@ -150,10 +151,12 @@ def render(
             for prompt in prompts:
                 pipeline.scheduler = scheduler_for(getattr(prompt, "sampler", None) or sampler)
                 generator = torch.Generator("cpu").manual_seed(prompt.seed)
+                states, pooled = encode_text(components, [prompt.prompt], device, clip_skip)
+                negative, negative_pooled = encode_text(components, [prompt.negative_prompt], device, clip_skip)
+                extra = {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled} if pooled is not None else {}
                 result = pipeline(
-                    prompt.prompt, negative_prompt=prompt.negative_prompt or None, num_inference_steps=prompt.steps,
-                    guidance_scale=prompt.cfg, width=prompt.width, height=prompt.height, generator=generator,
-                    clip_skip=clip_skip - 1 or None,
+                    prompt_embeds=states, negative_prompt_embeds=negative, num_inference_steps=prompt.steps,
+                    guidance_scale=prompt.cfg, width=prompt.width, height=prompt.height, generator=generator, **extra,
                 )
                 images.append(result.images[0])
     finally:

@@ -216,3 +216,16 @@ def test_the_sampler_reads_a_prompt_file_and_its_cadence(tiny, tmp_path):
     with pytest.raises(KilnError) as caught:
         samples.check_sample_prompts(params_for("tiny-sd15", sample_prompts="missing.txt").train, tmp_path)
     assert str(caught.value).startswith(f"{tmp_path}/missing.txt: sample prompt file not found")
+
+
+def test_clip_skip_draws_with_the_embeddings_training_uses(tiny):
+    # The prompts go through pipeline.sd.encode_text, as captions do in training; diffusers' own clip_skip
+    # path reaches for CLIPTextModel.text_model, which transformers 5 no longer has.
+    from pipeline.samples import render
+
+    components, vae = tiny
+    prompt = [SamplePrompt(prompt="a sks circle", seed=1, steps=2, width=64, height=64)]
+    last = render(components, components.unet, vae, prompt, "cpu", clip_skip=1)[0]
+    penultimate = render(components, components.unet, vae, prompt, "cpu", clip_skip=2)[0]
+    assert last.size == penultimate.size == (64, 64)
+    assert last.tobytes() != penultimate.tobytes()

@@ -660,6 +660,7 @@ ED2_RENAMES: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
     "lr_scheduler": ("train.lr_scheduler", None),
     "lr_warmup_steps": ("train.lr_warmup_steps", None),
     "save_every_n_epochs": ("train.save_every_n_epochs", lambda value: value or None),
+    "ckpt_every_n_minutes": ("train.save_every_n_minutes", lambda value: value or None),
     "sample_steps": ("train.sample_every_n_steps", None),
     "sample_prompts": ("train.sample_prompts", None),
     "cond_dropout": ("train.cond_dropout", None),
@@ -701,7 +702,6 @@ ED2_NOTES = {
 }
 
 ED2_NO_EQUIVALENT: dict[str, str] = {
-    "ckpt_every_n_minutes": "Kiln saves every train.save_every_n_steps or save_every_n_epochs",
     "save_ckpts_from_n_epochs": "Kiln saves from the first period on",
     "save_ckpt_dir": "Kiln writes models/<train.output_name>/",
     "save_optimizer": "Kiln's checkpoints always hold the optimizer state",

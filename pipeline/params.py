@@ -749,6 +749,10 @@ class TrainParams(Section):
     save_every_n_epochs: int | None = Field(None, ge=1)
     """Save a resumable checkpoint every this many epochs."""
 
+    save_every_n_minutes: float | None = Field(None, gt=0, validation_alias=_aliases("save_every_n_minutes", "ckpt_every_n_minutes"))
+    """Also save a resumable checkpoint when this many minutes have passed since the run (or its resume)
+    started or since the last save (EveryDream2's `ckpt_every_n_minutes`): for machines that may vanish."""
+
     save_last_n: int = Field(2, ge=1)
     """Keep this many periodic checkpoints (the `interrupted` one is always kept)."""
 

@@ -52,7 +52,8 @@ PARAMS = ("model", "train", "balance.prior_loss_weight", "cache.vae")
 # Declared keys that change what is logged, drawn or written, but not the trained weights: a run with
 # only these changed is the same run, and resumes its checkpoints.
 NOT_WEIGHTS = frozenset({
-    "train.log_step", "train.log_timesteps", "train.save_every_n_steps", "train.save_every_n_epochs",
+    "train.log_step", "train.log_timesteps", "train.save_every_n_steps", "train.save_every_n_epochs", "train.save_every_n_minutes",
+    "train.sample_sampler",
     "train.save_last_n", "train.sample_prompts", "train.sample_every_n_steps", "train.sample_every_n_epochs",
     "train.validate_every", "train.workers", "train.write_schedule", "train.save_precision",
     "train.save_diffusers_lora", "train.output_name", "train.ema_sample_ema_model", "train.ema_sample_nonema_model",
@@ -127,6 +128,7 @@ class Training:
     timesteps_log: list[dict[str, Any]] = field(default_factory=list)  # train.log_timesteps
     validation_points: list[tuple[int, float]] = field(default_factory=list)  # (global_step, validation loss)
     nonfinite_in_a_row: int = 0  # steps skipped for a NaN or inf loss or gradient, since the last good one
+    last_save: float = field(default_factory=lambda: time.monotonic())  # for train.save_every_n_minutes
 
 
 def run_identity(params: Params, plan: Path) -> RunIdentity:
@@ -488,9 +490,11 @@ def after_step(t: Training, result: TrainResult, global_step: int, output: StepO
                 t.validation_points.append((global_step, values["validation_loss"]))
         t.logger.scalars(global_step, {k: v for k, v in values.items() if v is not None}, ("loss", "lr", "validation_loss", "fourier_component"))
         t.logger.histogram(global_step, "timesteps", output.timesteps)
-    if due(cfg.save_every_n_steps, global_step):
+    minutes_up = cfg.save_every_n_minutes is not None and time.monotonic() - t.last_save >= cfg.save_every_n_minutes * 60
+    if due(cfg.save_every_n_steps, global_step) or minutes_up:
         with t.throughput.excluding("checkpoints"):
             t.checkpointer.save(f"step-{global_step:08d}", global_step)
+        t.last_save = time.monotonic()
     if due(t.sampler.every_n_steps, global_step):
         with t.throughput.excluding("samples"):
             t.sampler.draw(f"step-{global_step:08d}", global_step, t.accelerator.unwrap_model(t.step.unet), t.ema, cfg.clip_skip)

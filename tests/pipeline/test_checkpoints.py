@@ -335,3 +335,23 @@ def test_the_trainer_resumes_the_newest_checkpoint_that_is_not_damaged(sd15, tmp
     assert f"{folder / 'interrupted' / 'weights.safetensors'}: damaged (" in caplog.text
     assert f"resumed from {folder / 'step-00000002'} at step 2" in caplog.text
     assert resumed.global_step == 4 and len(resumed.losses) == 4  # 2 from step-00000002, 2 trained now
+
+
+def test_save_every_n_minutes_saves_by_the_clock(sd15, tmp_path, monkeypatch):
+    import pipeline.train as train
+    from pipeline.checkpoints import checkpoints
+
+    project, plan = sd15
+    import itertools
+    import time
+    from types import SimpleNamespace
+
+    clock = itertools.count(0, 50)  # seconds: each reading 50 s after the last; the run starts at 0
+    monkeypatch.setattr(train, "time", SimpleNamespace(monotonic=lambda: next(clock), time=time.time))
+    # EveryDream2's name; 2 minutes: a save when 120 s have passed since the start or the last save.
+    settings = params_for("tiny-sd15", max_train_steps=6, save_last_n=10, ckpt_every_n_minutes=2)
+    assert settings.train.save_every_n_minutes == 2
+    run(settings, train_paths(project, plan, tmp_path))
+    saved = [path.name for path in checkpoints(tmp_path / "kiln" / "checkpoints")]
+    # Readings: start 0; steps 1-6 read 50, 100, 150 (save; reset at 200), 250, 300, 350 (save; reset 400).
+    assert saved == ["step-00000003", "step-00000006"]

@@ -110,7 +110,7 @@ bucket_no_upscale = true
 
 # EveryDream2's train.json and optimizer.json, as the repository ships them (with EMA and min-SNR set).
 ED2_TRAIN = {
-    "amp": True, "batch_size": 6, "ckpt_every_n_minutes": None, "clip_grad_norm": None, "clip_skip": 0,
+    "amp": True, "batch_size": 6, "ckpt_every_n_minutes": 30, "clip_grad_norm": None, "clip_skip": 0,
     "cond_dropout": 0.04, "data_root": "/mnt/q/training_samples/ff7r", "disable_textenc_training": False,
     "disable_xformers": False, "flip_p": 0.0, "gpuid": 0, "gradient_checkpointing": True, "grad_accum": 1,
     "logdir": "logs", "log_step": 25, "lowvram": False, "lr": 1.5e-06, "lr_decay_steps": 0,
@@ -328,6 +328,7 @@ def test_everydream_maps_every_option(tmp_path: Path) -> None:
         "train.sample_prompts": "sample_prompts.txt",
         "train.sample_every_n_steps": 300,
         "train.save_every_n_epochs": 10,
+        "train.save_every_n_minutes": 30,
         "train.scale_lr": False,
         "train.seed": 555,
         "train.shuffle_tags": False,
@@ -366,7 +367,6 @@ def test_everydream_reports_every_unmapped_option(tmp_path: Path) -> None:
         "lr_warmup_steps": "EveryDream2 derives 2% of lr_decay_steps; set train.lr_warmup_steps",
         "optimizer_config": "read: its options follow",
         "validation_config": "not found here or beside train.json: its validation settings were not read",
-        "ckpt_every_n_minutes": "Kiln saves every train.save_every_n_steps or save_every_n_epochs",
         "disable_xformers": "Kiln's attention is train.attn_type (sdp by default)",
         "gpuid": "choose the GPU with CUDA_VISIBLE_DEVICES",
         "logdir": "Kiln logs to models/<train.output_name>/logs",

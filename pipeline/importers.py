@@ -322,12 +322,12 @@ KOHYA_RENAMES: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
     "sample_every_n_epochs": ("train.sample_every_n_epochs", None),
     "sample_sampler": ("train.sample_sampler", None),
     "sample_prompts": ("train.sample_prompts", None),
+    "cache_text_encoder_outputs": ("train.cache_text_encoder_outputs", None),
 }
 
 KOHYA_NO_EQUIVALENT: dict[str, str] = {
     "cache_latents": "Kiln always caches latents (the cache stage)",
     "cache_latents_to_disk": "Kiln always caches latents on disk (the cache stage)",
-    "cache_text_encoder_outputs": "Kiln encodes captions each step",
     "enable_bucket": "Kiln always buckets (the bucket stage)",
     "color_aug": "needs the pixels each step; Kiln trains cached latents (kohya refuses it with cache_latents too)",
     "face_crop_aug_range": "needs the pixels each step; Kiln trains cached latents",

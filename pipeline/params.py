@@ -868,6 +868,13 @@ class TrainParams(Section):
     """Text-encoder layer to use, counted from the end: 1 the last, 2 the penultimate with the final
     layer norm applied as A1111 does. SD 2.x and SDXL count back from the layer diffusers already uses."""
 
+    cache_text_encoder_outputs: bool = False
+    """Encode each caption once and keep the frozen text encoders' output on the CPU (kohya's
+    `cache_text_encoder_outputs`), instead of running the encoders every step; the result is the same up
+    to float rounding.
+    Needs frozen encoders (no train_text_encoder / network_train_text_encoder). Shuffled or dropped tags
+    make new texts, each encoded on first sight and kept: memory grows with the distinct captions."""
+
     # --- EMA -------------------------------------------------------------------------------------
     ema_decay_rate: float | None = Field(None, gt=0, lt=1)
     """Keep an exponential moving average of the trained weights with this decay (EveryDream2); unset is off."""
@@ -1014,9 +1021,18 @@ class TrainParams(Section):
                         f"train.{key}: belongs to the diffusion schedule and has no meaning under train.rectified_flow "
                         f"(got {getattr(self, key)!r}); unset it, or turn rectified_flow off"
                     )
+        if self.cache_text_encoder_outputs and self.text_encoder_trains:
+            raise ParamsError(
+                "train.cache_text_encoder_outputs: the text encoder trains in this run (train_text_encoder / "
+                "network_train_text_encoder), so its outputs change every step and cannot be cached"
+            )
         if self.ema_strength_target is not None and self.ema_decay_rate is not None:
             raise ParamsError("train.ema_strength_target: set it or ema_decay_rate, not both (the target computes the rate)")
         return self
+
+    @property
+    def text_encoder_trains(self) -> bool:
+        return self.train_text_encoder if self.mode == "full" else self.network_train_text_encoder
 
     @property
     def reg_timestep_range(self) -> tuple[int, int]:

@@ -141,6 +141,22 @@ def encode_text(
     back from there), and encodes an empty caption as zeros. `perturbation` γ adds N(0, γ²/D) noise to
     the embeddings (embedding_perturbation, arXiv 2405.20494).
     """
+    hidden_states, pooled = text_embeddings(components, captions, device, clip_skip)
+    return perturb(hidden_states, perturbation, generator), pooled
+
+
+def perturb(hidden_states: torch.Tensor, perturbation: float, generator: torch.Generator | None) -> torch.Tensor:
+    """embedding_perturbation: N(0, γ²/D) noise added to the text embeddings, drawn from the batch's generator."""
+    if perturbation <= 0:
+        return hidden_states
+    noise = torch.randn(hidden_states.shape, generator=generator, dtype=torch.float32).to(hidden_states)
+    return hidden_states + noise * (perturbation / hidden_states.shape[-1] ** 0.5)
+
+
+def text_embeddings(
+    components: SDComponents, captions: list[str], device: Any, clip_skip: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """encode_text without the perturbation: a function of each caption alone (what TextEmbeddingCache keeps)."""
     states, pooled = [], None
     for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
         length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
@@ -162,10 +178,47 @@ def encode_text(
         if empty.any():
             hidden_states = torch.where(empty.view(-1, 1, 1), torch.zeros_like(hidden_states), hidden_states)
             pooled = torch.where(empty.view(-1, 1), torch.zeros_like(pooled), pooled)
-    if perturbation > 0:
-        noise = torch.randn(hidden_states.shape, generator=generator, dtype=torch.float32).to(hidden_states)
-        hidden_states = hidden_states + noise * (perturbation / hidden_states.shape[-1] ** 0.5)
     return hidden_states, pooled
+
+
+class TextEmbeddingCache:
+    """Frozen text encoders' outputs per caption text (kohya's `cache_text_encoder_outputs`, SimpleTuner's
+    text-embed cache): a caption is encoded once, then read back. Kept on the CPU in the encoders' dtype,
+    each batch's rows moved to the device: SD 1.5 holds 77 x 768 float32 (236 KB) per caption, SDXL
+    77 x 2048 plus its pooled 1280 (636 KB). A caption's embedding depends on that caption alone (the
+    tokens are padded to a fixed length, the attention is causal), so reading it back changes no result
+    beyond float rounding (a caption encoded in another batch may differ in its last bit); shuffled or
+    dropped tags make new texts, which are encoded on first sight and kept as well.
+    """
+
+    def __init__(self, components: SDComponents, device: Any, clip_skip: int, batch_size: int = 64):
+        self.components, self.device, self.clip_skip, self.batch_size = components, device, clip_skip, batch_size
+        self.rows: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def reset(self, clip_skip: int) -> None:
+        """Forget every caption: another layer (load_settings_every_epoch may change clip_skip) encodes anew."""
+        self.clip_skip, self.rows = clip_skip, {}
+
+    def warm(self, captions: list[str]) -> int:
+        """Encode the captions not yet held, batch_size at a time; returns how many were new."""
+        missing = [caption for caption in dict.fromkeys(captions) if caption not in self.rows]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            with torch.no_grad():
+                states, pooled = text_embeddings(self.components, chunk, self.device, self.clip_skip)
+            states = states.cpu()
+            pooled = pooled.cpu() if pooled is not None else None
+            for index, caption in enumerate(chunk):
+                self.rows[caption] = (states[index], pooled[index] if pooled is not None else None)
+        return len(missing)
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.warm(captions)
+        rows = [self.rows[caption] for caption in captions]
+        states = torch.stack([state for state, _ in rows]).to(self.device, non_blocking=True)
+        if rows[0][1] is None:
+            return states, None
+        return states, torch.stack([pooled for _, pooled in rows]).to(self.device, non_blocking=True)
 
 
 def set_attention(unet: Any, attn_type: str) -> None:

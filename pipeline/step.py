@@ -17,7 +17,7 @@ import torch
 
 from pipeline.objective import Objective
 from pipeline.params import TrainParams
-from pipeline.sd import SDComponents, encode_text
+from pipeline.sd import SDComponents, TextEmbeddingCache, perturb, text_embeddings
 
 
 @dataclass
@@ -45,14 +45,17 @@ class TrainingStep:
 
     def __init__(
         self, unet: Any, components: SDComponents, objective: Objective, cfg: TrainParams, device: Any,
-        backward: Callable[[torch.Tensor], None],
+        backward: Callable[[torch.Tensor], None], text_cache: TextEmbeddingCache | None = None,
     ):
         self.unet, self.components, self.device, self.backward = unet, components, device, backward
         self.scaling = components.scaling_factor  # the VAE's, from its config
+        self.text_cache = text_cache  # train.cache_text_encoder_outputs: frozen encoders' outputs per caption
         self.configure(cfg, objective)
 
     def configure(self, cfg: TrainParams, objective: Objective) -> None:
         self.cfg, self.objective = cfg, objective
+        if self.text_cache is not None and self.text_cache.clip_skip != cfg.clip_skip:
+            self.text_cache.reset(cfg.clip_skip)
 
     def latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """The batch's cached latents on the device, in the UNet's space (times the VAE scaling factor)."""
@@ -61,7 +64,11 @@ class TrainingStep:
     def encode(self, captions: list[str], time_ids: torch.Tensor, generator: torch.Generator | None = None) -> Conditioning:
         """Text conditioning for `captions`; with a training generator, embedding_perturbation is drawn from it."""
         perturbation = self.cfg.embedding_perturbation if generator is not None else 0.0
-        states, pooled = encode_text(self.components, captions, self.device, self.cfg.clip_skip, perturbation, generator)
+        if self.text_cache is not None:
+            states, pooled = self.text_cache(captions)
+        else:
+            states, pooled = text_embeddings(self.components, captions, self.device, self.cfg.clip_skip)
+        states = perturb(states, perturbation, generator)
         if pooled is None:
             return Conditioning(states)
         return Conditioning(states, {"text_embeds": pooled, "time_ids": time_ids.to(self.device, torch.float32)})

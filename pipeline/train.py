@@ -37,7 +37,7 @@ from pipeline.optim import build_optimizer, build_scheduler, check_optimizer_arg
 from pipeline.params import Params, TrainParams, declared_values, load_params
 from pipeline.samples import Sampler, check_sample_prompts
 from pipeline.saving import RunSummary, run_times, save_outputs, training_metadata
-from pipeline.sd import SDComponents, load_components, set_attention
+from pipeline.sd import SDComponents, TextEmbeddingCache, load_components, set_attention
 from pipeline.step import StepOutput, TrainingStep
 from pipeline.tables import read_table, require, write_json
 from pipeline.validation import Validator, held_out
@@ -301,7 +301,13 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None) -> TrainRe
         "timesteps: train [%d, %d), reg [%d, %d)%s", cfg.min_timestep, cfg.max_timestep, *cfg.reg_timestep_range,
         ", log-normal" if cfg.use_log_norm_timesteps else "",
     )
-    step = TrainingStep(unet, components, objective, cfg, accelerator.device, accelerator.backward)
+    text_cache = None
+    if cfg.cache_text_encoder_outputs:
+        # Every caption the plan names, and the empty one cond_dropout trains, encoded once up front.
+        text_cache = TextEmbeddingCache(components, accelerator.device, cfg.clip_skip)
+        encoded = text_cache.warm(sorted({row["caption"] for row in plan} | {""}))
+        log.info("text encoder outputs: %d captions encoded once and kept (train.cache_text_encoder_outputs)", encoded)
+    step = TrainingStep(unet, components, objective, cfg, accelerator.device, accelerator.backward, text_cache)
 
     # --- validation: held-out images, fixed noise and timesteps (a local store only) -------------
     validator = None

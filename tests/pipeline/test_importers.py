@@ -467,3 +467,12 @@ def test_refuses_to_overwrite(tmp_path: Path) -> None:
         importers.check_out(out, force=False)
     assert str(error.value) == f"{out}: already exists; pass --force to overwrite it, or --out to write elsewhere"
     importers.check_out(out, force=True)
+
+
+def test_kohya_cache_text_encoder_outputs_maps_and_needs_a_frozen_text_encoder(tmp_path: Path) -> None:
+    frozen = kohya(tmp_path, "network_module = 'networks.lora'\nnetwork_train_unet_only = true\ncache_text_encoder_outputs = true\n", None)
+    assert frozen.mapped["train.cache_text_encoder_outputs"].value is True
+    importers.render(frozen, importers.load_base(tmp_path / "missing.yaml"), "out.yaml")
+    training = kohya(tmp_path, "network_module = 'networks.lora'\ncache_text_encoder_outputs = true\n", None)
+    with pytest.raises(ParamsError, match=r"train.cache_text_encoder_outputs: the text encoder trains in this run"):
+        importers.render(training, importers.load_base(tmp_path / "missing.yaml"), "out.yaml")

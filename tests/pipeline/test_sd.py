@@ -126,3 +126,33 @@ def test_the_model_version_is_told_from_the_text_encoder():
     assert model_version("sd", [encoder(768)]) == "sd1"
     assert model_version("sd", [encoder(1024)]) == "sd2"  # OpenCLIP ViT-H: kohya's ss_v2
     assert model_version("sdxl", [encoder(768), encoder(1280)]) == "sdxl"
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_the_text_embedding_cache_gives_what_encoding_gives(family, request):
+    from pipeline.sd import TextEmbeddingCache
+
+    components = request.getfixturevalue(family)
+    captions = ["a photo of sks circle", "", "a red square, blue", "a photo of sks circle"]
+    cache = TextEmbeddingCache(components, "cpu", clip_skip=2, batch_size=2)
+    assert cache.warm(captions[:2]) == 2 and cache.warm(captions) == 1  # each text encoded once
+    with torch.no_grad():
+        expected_states, expected_pooled = encode_text(components, captions, "cpu", clip_skip=2)
+    states, pooled = cache(captions)
+    torch.testing.assert_close(states, expected_states)
+    if family == "sdxl":
+        torch.testing.assert_close(pooled, expected_pooled)
+        assert not states[1].any() and not pooled[1].any()  # SDXL's empty prompt: zeros, as encoding gives
+    else:
+        assert pooled is None
+    cache.reset(1)
+    assert cache.rows == {} and cache.clip_skip == 1
+
+
+def test_caching_text_encoder_outputs_is_refused_when_the_encoder_trains():
+    from pipeline.errors import ParamsError
+
+    with pytest.raises(ParamsError, match=r"train.cache_text_encoder_outputs: the text encoder trains in this run"):
+        validate_params({"train": {"cache_text_encoder_outputs": True, "network_train_text_encoder": True}})
+    # A full fine-tune's switch is train_text_encoder; network_train_text_encoder is a LoRA's.
+    assert validate_params({"train": {"cache_text_encoder_outputs": True, "mode": "full", "network_train_text_encoder": True}})

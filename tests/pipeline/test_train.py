@@ -54,6 +54,22 @@ def test_golden_loss_curve(sd15, tmp_path):
     assert result.losses == pytest.approx(golden, abs=5e-3), result.losses
 
 
+@pytest.mark.parametrize("base", ["tiny-sd15", "tiny-sdxl"])
+def test_cached_text_encoder_outputs_train_as_encoding_every_step_does(base, sd15, demo_source, tmp_path):
+    # Caption dropout (the empty caption), shuffled tags (texts the plan does not name) and embedding
+    # perturbation (drawn after the cache, from the batch's generator) all act.
+    project, plan = sd15 if base == "tiny-sd15" else prepared(tmp_path / "xl", demo_source, base)
+    settings = {"max_train_steps": 4, "learning_rate": 1e-3, "cond_dropout": 0.3, "shuffle_tags": True, "embedding_perturbation": 0.1}
+    plain = run(params_for(base, **settings), train_paths(project, plan, tmp_path / "a"))
+    cached = run(params_for(base, **settings, cache_text_encoder_outputs=True), train_paths(project, plan, tmp_path / "b"))
+    assert cached.losses == pytest.approx(plain.losses, rel=1e-5)
+    # A caption encoded in another batch may round its last float bit otherwise; the saved fp16 weights
+    # then differ by at most about one fp16 step.
+    a, b = load_file(str(plain.output)), load_file(str(cached.output))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=2e-4)
+
+
 def test_sdxl_lora_smoke(demo_source, tmp_path):
     project, plan = prepared(tmp_path, demo_source, "tiny-sdxl")
     result = run(params_for("tiny-sdxl", max_train_steps=2, network_train_text_encoder=True, conv_dim=2), train_paths(project, plan, tmp_path / "m"))

@@ -85,13 +85,16 @@ class RunLogger:
 
 def lora_block_magnitudes(model: Any) -> dict[str, float]:
     """Mean |weight| of the LoRA matrices per UNet block (sd-trainer's LoRA weight monitoring)."""
+    named = [(name, param) for name, param in model.named_parameters() if "lora_" in name]
+    if not named:
+        return {}
+    # One host sync for all of them (a `.item()` per tensor is ~2 per LoRA layer), summed in the same order.
+    sums = torch.stack([param.detach().abs().sum() for _, param in named]).tolist()
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for name, param in model.named_parameters():
-        if "lora_" not in name:
-            continue
+    for (name, param), total in zip(named, sums, strict=True):
         parts = name.split(".")
         block = ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
-        totals[block][0] += param.detach().abs().sum().item()
+        totals[block][0] += total
         totals[block][1] += param.numel()
     return {f"lora_weight/{block}": total / count for block, (total, count) in sorted(totals.items()) if count}
 

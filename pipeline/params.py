@@ -733,6 +733,16 @@ class TrainParams(Section):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
 
+    allow_tf32: bool = True
+    """On an NVIDIA GPU, let the float32 matmuls and convolutions left under mixed precision (or all of
+    them without it) use TF32 tensor cores (diffusers' `--allow_tf32`): several times faster, with 10-bit
+    products. Off for bit-exact float32 arithmetic. No effect on the CPU."""
+
+    compile_unet: bool = False
+    """Compile the UNet's transformer and ResNet blocks with torch.compile, one block at a time (the same
+    shapes share one compiled kernel set, so compiling takes about a minute, not ten; torch keeps the result
+    in its cache for the next run). Faster steps on a GPU; the first step waits for the compile."""
+
     attn_type: Literal["sdp", "xformers", "slice"] = "sdp"
     """UNet attention: torch's scaled_dot_product_attention (default), xformers (when installed), or
     sliced attention (least memory, slowest)."""

@@ -154,14 +154,30 @@ def render(
                 states, pooled = encode_text(components, [prompt.prompt], device, clip_skip)
                 negative, negative_pooled = encode_text(components, [prompt.negative_prompt], device, clip_skip)
                 extra = {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled} if pooled is not None else {}
-                result = pipeline(
+                latents = pipeline(
                     prompt_embeds=states, negative_prompt_embeds=negative, num_inference_steps=prompt.steps,
-                    guidance_scale=prompt.cfg, width=prompt.width, height=prompt.height, generator=generator, **extra,
-                )
-                images.append(result.images[0])
+                    guidance_scale=prompt.cfg, width=prompt.width, height=prompt.height, generator=generator,
+                    output_type="latent", **extra,
+                ).images
+                images.append(decode(pipeline, vae, latents))
     finally:
         unet.train(was_training)
     return images
+
+
+def decode(pipeline: Any, vae: Any, latents: torch.Tensor) -> Image.Image:
+    """The sampled latents (1, 4, h, w) as an image, decoded as the SD and SDXL pipelines decode them, but
+    in the VAE's own dtype (float32) whatever the UNet's: a LoRA's frozen base may be in bfloat16."""
+    config = vae.config
+    latents = latents.to(vae.dtype)
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor
+    image = vae.decode(latents, return_dict=False)[0]
+    return pipeline.image_processor.postprocess(image, output_type="pil")[0]
 
 
 def _clip_text(text: str, width: int, draw: ImageDraw.ImageDraw, font: Any) -> str:

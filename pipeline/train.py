@@ -200,6 +200,46 @@ def build_network(components: SDComponents, cfg: TrainParams) -> Network:
     return network
 
 
+def set_tf32(allow: bool) -> None:
+    """train.allow_tf32: TF32 tensor cores for float32 matmuls and cuDNN convolutions."""
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+
+
+def compile_blocks(unet: Any) -> int:
+    """Regional compilation (train.compile_unet): each transformer and ResNet block's forward compiled in
+    place (nn.Module.compile keeps the module and its state_dict keys), rather than the whole UNet, so
+    blocks of one shape share their compiled code and the compile stays short. Returns the block count."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    blocks = [module for module in unet.modules() if isinstance(module, (BasicTransformerBlock, ResnetBlock2D))]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def frozen_weight_dtype(cfg: TrainParams) -> torch.dtype | None:
+    """The dtype a LoRA's frozen base (UNet and text encoders) is kept in: under mixed precision, the
+    compute dtype, as kohya (`weight_dtype`) and the plain diffusers loop keep it. Autocast would cast the
+    float32 weights to it at every use anyway: kept so, they take half the memory and no cast kernels run.
+    The LoRA weights stay float32. A full fine-tune keeps float32 everywhere: its frozen parts are saved."""
+    if cfg.mode != "lora" or cfg.mixed_precision == "no":
+        return None
+    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
+
+
+def cast_frozen(modules: list[Any], dtype: torch.dtype) -> int:
+    """Every parameter that does not train, in `dtype`; returns how many were cast."""
+    cast = 0
+    for module in modules:
+        for param in module.parameters():
+            if not param.requires_grad and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                cast += 1
+    return cast
+
+
 def build_objective(cfg: TrainParams, components: SDComponents, total_steps: int) -> Objective:
     """The DDPM objective on the base's schedule, or rectified flow; both own the train and reg timestep ranges."""
     train_range, reg_range = (cfg.min_timestep, cfg.max_timestep), cfg.reg_timestep_range
@@ -262,14 +302,21 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None) -> TrainRe
     # --- accelerator -----------------------------------------------------------------------------
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
     torch.manual_seed(cfg.seed)
+    if accelerator.device.type == "cuda":
+        set_tf32(cfg.allow_tf32)
 
     # --- model and network -----------------------------------------------------------------------
     components = load_model(params)
     components.unet.requires_grad_(False)
     set_attention(components.unet, cfg.attn_type)
     network = build_network(components, cfg)
+    weight_dtype = frozen_weight_dtype(cfg)
+    if weight_dtype is not None:
+        cast_frozen([components.unet, *components.text_encoders], weight_dtype)
     if cfg.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
+    if cfg.compile_unet:
+        log.info("compile_unet: %d blocks compile on their first step", compile_blocks(components.unet))
 
     # --- data: the plan is read once, here --------------------------------------------------------
     plan = read_table(paths.plan, "balance")

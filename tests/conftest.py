@@ -149,6 +149,17 @@ def sd15(demo_source: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     return prepared(tmp_path_factory.mktemp("train15"), demo_source, "tiny-sd15")
 
 
+@pytest.fixture
+def fresh_accelerate_state() -> Iterator[None]:
+    """accelerate keeps one state per process (its mixed precision among it): a test that trains with
+    another mixed precision starts from a fresh one, and leaves one behind."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def params_for(base: str, **train: object) -> Params:
     settings = {"batch_size": 2, "workers": 0, "max_train_steps": 4, "network_dim": 4, "network_alpha": 2.0, **train}
     return validate_params(

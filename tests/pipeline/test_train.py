@@ -70,6 +70,74 @@ def test_cached_text_encoder_outputs_train_as_encoding_every_step_does(base, sd1
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=2e-4)
 
 
+def test_a_loras_frozen_base_is_kept_in_the_compute_dtype(sd15, tmp_path, monkeypatch, fresh_accelerate_state):
+    import pipeline.train as train
+
+    seen = {}
+    real_cast = train.cast_frozen
+
+    def recording(modules, dtype):
+        cast = real_cast(modules, dtype)
+        seen["unet"] = {param.dtype for name, param in modules[0].named_parameters() if "lora_" not in name}
+        seen["lora"] = {param.dtype for name, param in modules[0].named_parameters() if "lora_" in name}
+        seen["text_encoder"] = {param.dtype for param in modules[1].parameters()}
+        return cast
+
+    monkeypatch.setattr(train, "cast_frozen", recording)
+    project, plan = sd15
+    prompts = [{"prompt": "a sks circle", "seed": 1, "steps": 2, "width": 64, "height": 64}]
+    settings = {"max_train_steps": 3, "learning_rate": 1e-3, "sample_prompts": prompts, "sample_every_n_steps": 3}
+    from accelerate.state import AcceleratorState
+
+    plain = run(params_for("tiny-sd15", **settings), train_paths(project, plan, tmp_path / "a"))
+    assert seen == {}  # float32 training casts nothing
+    AcceleratorState._reset_state(reset_partial_state=True)  # another mixed precision: a fresh state
+    mixed = run(params_for("tiny-sd15", **settings, mixed_precision="bf16"), train_paths(project, plan, tmp_path / "b"))
+    assert seen == {"unet": {torch.bfloat16}, "lora": {torch.float32}, "text_encoder": {torch.bfloat16}}
+    # bf16 rounds the forward pass; the losses agree to bf16's precision, and the samples are drawn.
+    assert mixed.losses == pytest.approx(plain.losses, rel=2e-2)
+    assert (tmp_path / "b/kiln/samples/step-00000003.png").is_file()
+    assert train.frozen_weight_dtype(params_for("tiny-sd15", mode="full", mixed_precision="bf16").train) is None
+    assert train.frozen_weight_dtype(params_for("tiny-sd15", mixed_precision="fp16").train) == torch.float16
+
+
+def test_tf32_follows_allow_tf32():
+    import pipeline.train as train
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        train.set_tf32(True)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        train.set_tf32(False)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.slow
+def test_a_compiled_unet_trains_as_the_eager_one(sd15, tmp_path):
+    # torch.compile on the CPU (inductor and the C compiler): the same losses to float rounding.
+    project, plan = sd15
+    settings = {"max_train_steps": 3, "learning_rate": 1e-3}
+    eager = run(params_for("tiny-sd15", **settings), train_paths(project, plan, tmp_path / "a"))
+    compiled = run(params_for("tiny-sd15", **settings, compile_unet=True), train_paths(project, plan, tmp_path / "b"))
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
+    # nn.Module.compile keeps the modules: the LoRA's keys are the eager run's.
+    assert load_file(str(compiled.output)).keys() == load_file(str(eager.output)).keys()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("base", ["tiny-sd15", "tiny-sdxl"])
+def test_one_gpu_step_with_and_without_the_fast_paths(base, sd15, demo_source, tmp_path, fresh_accelerate_state):
+    # bf16 mixed precision on the GPU; the fast paths (cached text embeddings, a compiled UNet, the frozen
+    # base in bf16) change the first step's loss only within bf16's precision.
+    project, plan = sd15 if base == "tiny-sd15" else prepared(tmp_path / "xl", demo_source, base)
+    settings = {"max_train_steps": 1, "mixed_precision": "bf16"}
+    plain = run(params_for(base, **settings, allow_tf32=False), train_paths(project, plan, tmp_path / "a"))
+    fast = run(params_for(base, **settings, cache_text_encoder_outputs=True, compile_unet=True), train_paths(project, plan, tmp_path / "b"))
+    assert fast.losses == pytest.approx(plain.losses, rel=2e-2)
+
+
 def test_sdxl_lora_smoke(demo_source, tmp_path):
     project, plan = prepared(tmp_path, demo_source, "tiny-sdxl")
     result = run(params_for("tiny-sdxl", max_train_steps=2, network_train_text_encoder=True, conv_dim=2), train_paths(project, plan, tmp_path / "m"))

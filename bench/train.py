@@ -2,6 +2,7 @@
 
     python bench/train.py                               # tiny-sd15, 256 px, batch 4, on the GPU if there is one
     python bench/train.py --base tiny-sdxl --mixed-precision bf16
+    python bench/train.py --base random-sd15 --resolution 512 --batch-size 16 --mixed-precision bf16 --compile   # a GPU
 
 The plain loop is what the diffusers training examples do every step: VAE-encode the images and
 text-encode the captions, then the UNet forward and backward with AdamW, eager. Kiln reads cached
@@ -41,8 +42,6 @@ from pipeline.sd import encode_text, load_components  # noqa: E402
 from pipeline.tables import read_table  # noqa: E402
 from pipeline.train import TrainPaths  # noqa: E402
 from pipeline.train import run as run_train  # noqa: E402
-
-BUCKETS = BucketParams(resolution=256, min_bucket_reso=256, max_bucket_reso=256)  # one square bucket
 
 
 def plain_rate(
@@ -86,7 +85,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--base", default="tiny-sd15", help="model.base: tiny-sd15, tiny-sdxl, or a real model's folder")
+    parser.add_argument(
+        "--base", default="tiny-sd15",
+        help="model.base: tiny-sd15, tiny-sdxl, random-sd15 / random-sdxl (full width, random weights), or a model folder",
+    )
+    parser.add_argument("--resolution", type=int, default=256, help="the square bucket's side (512 for SD 1.5, 1024 for SDXL)")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="Kiln's train.mixed_precision")
     parser.add_argument("--compile", action="store_true", help="also train.compile_unet in the fast run (minutes to compile on a CPU)")
     args = parser.parse_args()
@@ -98,7 +101,8 @@ def main() -> None:
         scan_paths = ScanPaths(root / "raw", root / "scan")
         bucket_paths = BucketPaths(scan_paths.files, root / "bucket")
         run_scan(ScanParams(), scan_paths)
-        run_bucket(BUCKETS, bucket_paths)
+        side = args.resolution  # one square bucket
+        run_bucket(BucketParams(resolution=side, min_bucket_reso=side, max_bucket_reso=side), bucket_paths)
         cache_paths = CachePaths(bucket_paths.buckets, scan_paths.files, root / "raw", root / "latents")
         run_cache(CacheParams(), base, "lanczos", cache_paths)
         balance_paths = BalancePaths(
@@ -120,7 +124,7 @@ def main() -> None:
             rates[name] = run_train(params, paths).images_per_second
             shutil.rmtree(root / "models")
 
-    print(f"{base} on {device}, batch {args.batch_size}, mixed precision {args.mixed_precision}")
+    print(f"{base} at {args.resolution} px on {device}, batch {args.batch_size}, mixed precision {args.mixed_precision}")
     print(f"plain diffusers-style loop (VAE + text encode every step, float32): {plain:7.2f} images/s")
     for name, rate in rates.items():
         print(f"kiln train step, {name + ':':<11}                              {rate:7.2f} images/s   {rate / plain:.2f}x")

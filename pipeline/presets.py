@@ -249,9 +249,95 @@ def build_tiny_sdxl(folder: Path) -> None:
     pipeline.save_pretrained(folder, safe_serialization=True)
 
 
+# The real architectures at full width, random weights: benchmarks and GPU tests measure the real cost with
+# no download. Values from the released models' configs (SD 1.5's unet/text_encoder/vae config.json; SDXL
+# base 1.0's). The tokenizer is the tiny byte-level one: the embedding tables keep CLIP's 49,408 rows.
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, hidden_act="quick_gelu", projection_dim=768)
+CLIP_BIG_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, hidden_act="gelu", projection_dim=1280)
+CLIP_VOCAB = 49408
+
+
+def full_vae(scaling_factor: float, force_upcast: bool) -> object:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
+        sample_size=512 if not force_upcast else 1024, scaling_factor=scaling_factor, force_upcast=force_upcast,
+    )
+
+
+def _full_text_config(vocab: dict[str, int], width: dict[str, object]) -> dict[str, object]:
+    return {**_tiny_text_config(vocab), **width, "vocab_size": CLIP_VOCAB}
+
+
+def sd15_unet() -> object:
+    """SD 1.5's UNet (860M parameters): diffusers' defaults are SD 1.x's, but for the text width."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+
+
+def build_random_sd15(folder: Path) -> None:
+    """Stable Diffusion 1.5's architecture at full width (UNet 860M, CLIP ViT-L text encoder, VAE), random weights."""
+    import torch
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer, vocab = tiny_clip_tokenizer(folder / "tokenizer")
+    torch.manual_seed(SEED)
+    pipeline = StableDiffusionPipeline(
+        vae=full_vae(0.18215, force_upcast=False),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**_full_text_config(vocab, CLIP_L))),
+        tokenizer=tokenizer,
+        unet=sd15_unet(),
+        scheduler=DDPMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+            steps_offset=1, clip_sample=False,
+        ),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+
+
+def sdxl_unet() -> object:
+    """SDXL base 1.0's UNet (2.6B parameters)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+
+
+def build_random_sdxl(folder: Path) -> None:
+    """SDXL base 1.0's architecture at full width (UNet 2.6B, CLIP ViT-L and OpenCLIP bigG, VAE), random weights."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, vocab = tiny_clip_tokenizer(folder / "tokenizer")
+    tokenizer_2, _ = tiny_clip_tokenizer(folder / "tokenizer_2")
+    torch.manual_seed(SEED)
+    pipeline = StableDiffusionXLPipeline(
+        vae=full_vae(0.13025, force_upcast=True),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**_full_text_config(vocab, CLIP_L))),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_full_text_config(vocab, CLIP_BIG_G))),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=sdxl_unet(),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000),
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+
+
 PRESETS: dict[str, Callable[[Path], None]] = {
     "tiny-sd15": build_tiny_sd15,
     "tiny-sdxl": build_tiny_sdxl,
+    "random-sd15": build_random_sd15,
+    "random-sdxl": build_random_sdxl,
     "tiny-blip": build_tiny_blip,
     "tiny-clip": build_tiny_clip,
     "tiny-wd14": build_tiny_wd14,

@@ -21,26 +21,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from project import demo_project  # noqa: E402  (bench/project.py)
 
-from pipeline.balance import BalancePaths  # noqa: E402
-from pipeline.balance import run as run_balance  # noqa: E402
-from pipeline.bucket import BucketPaths  # noqa: E402
-from pipeline.bucket import run as run_bucket  # noqa: E402
-from pipeline.cache import CachePaths, plan, prepare  # noqa: E402
-from pipeline.cache import run as run_cache  # noqa: E402
-from pipeline.demo_data import write_demo_data  # noqa: E402
+from pipeline.cache import plan, prepare  # noqa: E402
 from pipeline.lora import UNET_ATTENTION, add_lora  # noqa: E402
 from pipeline.models import find_vae  # noqa: E402
 from pipeline.objective import DiffusionObjective  # noqa: E402
-from pipeline.params import BalanceParams, BucketParams, CacheParams, ScanParams, TrainParams, validate_params  # noqa: E402
-from pipeline.scan import ScanPaths  # noqa: E402
-from pipeline.scan import run as run_scan  # noqa: E402
+from pipeline.params import CacheParams, validate_params  # noqa: E402
 from pipeline.sd import encode_text, load_components  # noqa: E402
 from pipeline.tables import read_table  # noqa: E402
-from pipeline.train import TrainPaths  # noqa: E402
 from pipeline.train import run as run_train  # noqa: E402
 
 
@@ -97,21 +90,10 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory(prefix="kiln-bench-train-") as tmp:
         root = Path(tmp)
-        write_demo_data(root / "raw")
-        scan_paths = ScanPaths(root / "raw", root / "scan")
-        bucket_paths = BucketPaths(scan_paths.files, root / "bucket")
-        run_scan(ScanParams(), scan_paths)
-        side = args.resolution  # one square bucket
-        run_bucket(BucketParams(resolution=side, min_bucket_reso=side, max_bucket_reso=side), bucket_paths)
-        cache_paths = CachePaths(bucket_paths.buckets, scan_paths.files, root / "raw", root / "latents")
-        run_cache(CacheParams(), base, "lanczos", cache_paths)
-        balance_paths = BalancePaths(
-            scan_paths.images, bucket_paths.buckets, cache_paths.keys, cache_paths.store / "manifest.parquet", None, None, root / "plan"
-        )
-        run_balance(BalanceParams(), TrainParams(), balance_paths)
-        captions = [row["caption"] for row in read_table(balance_paths.plan)]
+        project = demo_project(root, base, args.resolution)
+        captions = [row["caption"] for row in read_table(project.plan)]
 
-        plain = plain_rate(base, scan_paths.files, bucket_paths.buckets, root / "raw", captions, args.batch_size, args.steps, device)
+        plain = plain_rate(base, project.scan.files, project.bucket.buckets, root / "raw", captions, args.batch_size, args.steps, device)
         train = {
             "batch_size": args.batch_size, "workers": 0, "max_train_steps": args.steps + 1, "network_dim": 4,
             "network_alpha": 2.0, "mixed_precision": args.mixed_precision,
@@ -120,8 +102,7 @@ def main() -> None:
         rates = {}
         for name, extra in (("default", {}), ("fast paths", fast)):
             params = validate_params({"model": {"base": base}, "train": {**train, **extra}})
-            paths = TrainPaths(balance_paths.plan, cache_paths.store, cache_paths.store / "index.parquet", root / "models")
-            rates[name] = run_train(params, paths).images_per_second
+            rates[name] = run_train(params, project.train_paths(root / "models")).images_per_second
             shutil.rmtree(root / "models")
 
     print(f"{base} at {args.resolution} px on {device}, batch {args.batch_size}, mixed precision {args.mixed_precision}")

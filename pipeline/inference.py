@@ -23,8 +23,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from pipeline.errors import KilnError
-from pipeline.presets import PRESETS, SD_PRESETS, preset_dir, presets_for
-from pipeline.tables import DamagedTable, read_table, write_table
+from pipeline.presets import PRESETS, SD_PRESETS, cache_root, preset_dir, presets_for
+from pipeline.tables import DamagedTable, atomic_write, read_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -128,22 +128,53 @@ def resolve_model(spec: str, key: str) -> ResolvedModel:
     return ResolvedModel(Path(folder), spec.split("/")[1])
 
 
+# Fingerprints already computed, keyed by the files' (path, size, mtime_ns): hashing an SDXL checkpoint
+# takes seconds at every start of `kiln cache`. The same trust as make's, and scan's probe cache: a file
+# rewritten with the same size and modification time is taken as unchanged.
+FINGERPRINTS_KEPT = 256
+
+
 def fingerprint(folder: Path) -> str:
-    """sha256 over the model's weight, config and vocabulary files (names and bytes), or of one file."""
-    digest = hashlib.sha256()
+    """sha256 over the model's weight, config and vocabulary files (names and bytes), or of one file;
+    remembered in <cache root>/fingerprints.json by the files' size and modification time."""
     if folder.is_file():
-        with open(folder, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
-    files = sorted(
-        path for path in folder.rglob("*")
-        if path.is_file() and path.suffix in IDENTITY_SUFFIXES and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    )
+        files = [folder]
+    else:
+        files = sorted(
+            path for path in folder.rglob("*")
+            if path.is_file() and path.suffix in IDENTITY_SUFFIXES and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        )
     if not files:
         raise KilnError(f"{folder}: no model files (config, weights) in this folder")
+    stats = [(path.resolve().as_posix(), path.stat().st_size, path.stat().st_mtime_ns) for path in files]
+    key = cache_key(fingerprint=str(folder.resolve()), single_file=folder.is_file(), files=stats)
+    record_path = cache_root() / "fingerprints.json"
+    record = _read_fingerprints(record_path)
+    if key in record:
+        return record[key]
+    value = _hash_files(folder, files)
+    record[key] = value
+    kept = dict(list(record.items())[-FINGERPRINTS_KEPT:])
+    try:
+        atomic_write(record_path, lambda tmp: tmp.write_text(json.dumps(kept, indent=0), encoding="utf-8"))
+    except (KilnError, OSError):
+        pass  # a read-only cache costs the hashing next time, nothing else
+    return value
+
+
+def _read_fingerprints(path: Path) -> dict[str, str]:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # none yet, or damaged: computed again
+    return record if isinstance(record, dict) and all(isinstance(v, str) for v in record.values()) else {}
+
+
+def _hash_files(folder: Path, files: list[Path]) -> str:
+    digest = hashlib.sha256()
     for path in files:
-        digest.update(path.relative_to(folder).as_posix().encode())
+        if path != folder:  # a folder's files are named in the digest; a single file's name is not
+            digest.update(path.relative_to(folder).as_posix().encode())
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)

@@ -96,6 +96,33 @@ def test_fingerprint_changes_with_weights_not_with_readme(tmp_path):
     assert fingerprint(tmp_path) != first
 
 
+def test_a_fingerprint_is_remembered_by_size_and_mtime(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    import pipeline.inference as inference
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights v1")
+    first = fingerprint(weights)
+    assert first == hashlib.sha256(b"weights v1").hexdigest()  # the value is the file's own hash, as before
+    assert (tmp_path / "cache" / "fingerprints.json").is_file()
+    hashed = []
+    monkeypatch.setattr(inference, "_hash_files", lambda folder, files: hashed.append(files) or "recomputed")
+    assert fingerprint(weights) == first and hashed == []  # remembered: nothing read
+    # Same size, same mtime: taken as unchanged (make's trust); a new mtime is hashed again.
+    stat = weights.stat()
+    weights.write_bytes(b"weights v2")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fingerprint(weights) == first
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert fingerprint(weights) == "recomputed" and len(hashed) == 1
+    # A damaged record is recomputed, never an error.
+    (tmp_path / "cache" / "fingerprints.json").write_text("{not json")
+    assert fingerprint(weights) == "recomputed"
+
+
 def test_cache_key_depends_on_every_field():
     base = cache_key(image_id="a", model="m", beams=1)
     assert base == cache_key(beams=1, model="m", image_id="a")

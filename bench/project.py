@@ -48,3 +48,30 @@ def demo_project(root: Path, base: str, side: int) -> Project:
     balance = BalancePaths(scan.images, bucket.buckets, cache.keys, cache.store / "manifest.parquet", None, None, root / "plan")
     run_balance(BalanceParams(), TrainParams(), balance)
     return Project(root, scan, bucket, cache, balance.plan)
+
+
+def seconds_until(command: list[str], marker: str | None, cwd: Path) -> float:
+    """Wall seconds from starting `command` until a line of its output contains `marker` (then it is
+    stopped), or until it exits when `marker` is None. Start-up figures: what a user waits for."""
+    import subprocess
+    import time
+
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if marker is not None and marker in line:
+            elapsed = time.perf_counter() - start
+            process.kill()
+            process.wait()
+            return elapsed
+    if process.wait() != 0:
+        raise RuntimeError(f"{' '.join(command)} failed (exit {process.returncode})")
+    if marker is not None:
+        raise RuntimeError(f"{' '.join(command)} never printed {marker!r}")
+    return time.perf_counter() - start
+
+
+def torch_import_seconds() -> float:
+    """How long `import torch` takes in a fresh interpreter: the part of a start-up no Kiln change removes."""
+    return seconds_until([sys.executable, "-c", "import torch"], None, Path.cwd())

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from project import demo_project  # noqa: E402  (bench/project.py)
+import yaml  # noqa: E402
+from project import demo_project, seconds_until, torch_import_seconds  # noqa: E402  (bench/project.py)
 
 from pipeline.cache import plan, prepare  # noqa: E402
 from pipeline.lora import UNET_ATTENTION, add_lora  # noqa: E402
@@ -105,11 +106,24 @@ def main() -> None:
             rates[name] = run_train(params, project.train_paths(root / "models")).images_per_second
             shutil.rmtree(root / "models")
 
+        # Start-up: from `kiln train` starting to its "ready" line (the model loaded, the loader and
+        # optimizer built; the first batch comes next), next to importing torch alone.
+        params_file = root / "params.yaml"
+        params_file.write_text(yaml.safe_dump({"model": {"base": base}, "train": train}))
+        paths = project.train_paths(root / "models")
+        command = [
+            str(Path(sys.executable).parent / "kiln"), "train", "--params", str(params_file), "--plan", str(paths.plan),
+            "--latents", str(paths.store), "--index", str(paths.index), "--models", str(paths.models),
+        ]
+        startup = seconds_until(command, "train: ready at step", root)
+        torch_s = torch_import_seconds()
+
     print(f"{base} at {args.resolution} px on {device}, batch {args.batch_size}, mixed precision {args.mixed_precision}")
     print(f"plain diffusers-style loop (VAE + text encode every step, float32): {plain:7.2f} images/s")
     for name, rate in rates.items():
         print(f"kiln train step, {name + ':':<11}                              {rate:7.2f} images/s   {rate / plain:.2f}x")
     print("target: >= 1.4x the plain loop (issue 14)")
+    print(f"start-up: `kiln train` until it is ready for its first batch {startup:.2f} s, of which importing torch {torch_s:.2f} s   (target: under 5 s besides torch)")
 
 
 if __name__ == "__main__":

@@ -881,9 +881,9 @@ class TrainParams(Section):
     cache_text_encoder_outputs: bool = False
     """Encode each caption once and keep the frozen text encoders' output on the CPU (kohya's
     `cache_text_encoder_outputs`), instead of running the encoders every step; the result is the same up
-    to float rounding.
-    Needs frozen encoders (no train_text_encoder / network_train_text_encoder). Shuffled or dropped tags
-    make new texts, each encoded on first sight and kept: memory grows with the distinct captions."""
+    to float rounding, and a resumed run is still exact. Needs frozen encoders (no train_text_encoder /
+    network_train_text_encoder), and fixed texts: not with shuffle_tags or caption_tag_dropout_rate, which
+    make a new text nearly every step (kohya refuses them too). cond_dropout's empty caption is cached."""
 
     # --- EMA -------------------------------------------------------------------------------------
     ema_decay_rate: float | None = Field(None, gt=0, lt=1)
@@ -1035,6 +1035,11 @@ class TrainParams(Section):
             raise ParamsError(
                 "train.cache_text_encoder_outputs: the text encoder trains in this run (train_text_encoder / "
                 "network_train_text_encoder), so its outputs change every step and cannot be cached"
+            )
+        if self.cache_text_encoder_outputs and (self.shuffle_tags or self.caption_tag_dropout_rate):
+            raise ParamsError(
+                "train.cache_text_encoder_outputs: shuffle_tags and caption_tag_dropout_rate make a new caption text "
+                "nearly every step, which no cache can hold; turn them off or the cache off"
             )
         if self.ema_strength_target is not None and self.ema_decay_rate is not None:
             raise ParamsError("train.ema_strength_target: set it or ema_decay_rate, not both (the target computes the rate)")

@@ -187,8 +187,11 @@ class TextEmbeddingCache:
     each batch's rows moved to the device: SD 1.5 holds 77 x 768 float32 (236 KB) per caption, SDXL
     77 x 2048 plus its pooled 1280 (636 KB). A caption's embedding depends on that caption alone (the
     tokens are padded to a fixed length, the attention is causal), so reading it back changes no result
-    beyond float rounding (a caption encoded in another batch may differ in its last bit); shuffled or
-    dropped tags make new texts, which are encoded on first sight and kept as well.
+    beyond float rounding (a caption encoded in another batch may differ in its last bit).
+
+    Exact resume: `warm` encodes the plan's captions in sorted chunks, the same chunks in every run of the
+    same plan, and a caption first seen in a batch (an EveryDream2 image's own shuffle_tags) is encoded
+    alone. So a resumed run reads the very rows the uninterrupted one read.
     """
 
     def __init__(self, components: SDComponents, device: Any, clip_skip: int, batch_size: int = 64):
@@ -213,7 +216,9 @@ class TextEmbeddingCache:
         return len(missing)
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self.warm(captions)
+        for caption in dict.fromkeys(captions):
+            if caption not in self.rows:
+                self.warm([caption])  # alone: its row must not depend on when it was first seen
         rows = [self.rows[caption] for caption in captions]
         states = torch.stack([state for state, _ in rows]).to(self.device, non_blocking=True)
         if rows[0][1] is None:

@@ -156,3 +156,11 @@ def test_caching_text_encoder_outputs_is_refused_when_the_encoder_trains():
         validate_params({"train": {"cache_text_encoder_outputs": True, "network_train_text_encoder": True}})
     # A full fine-tune's switch is train_text_encoder; network_train_text_encoder is a LoRA's.
     assert validate_params({"train": {"cache_text_encoder_outputs": True, "mode": "full", "network_train_text_encoder": True}})
+
+
+def test_caching_text_encoder_outputs_is_refused_with_shuffled_or_dropped_tags():
+    from pipeline.errors import ParamsError
+
+    for key, value in (("shuffle_tags", True), ("caption_tag_dropout_rate", 0.1)):
+        with pytest.raises(ParamsError, match=r"train.cache_text_encoder_outputs: shuffle_tags and caption_tag_dropout_rate"):
+            validate_params({"train": {"cache_text_encoder_outputs": True, key: value}})

@@ -56,10 +56,10 @@ def test_golden_loss_curve(sd15, tmp_path):
 
 @pytest.mark.parametrize("base", ["tiny-sd15", "tiny-sdxl"])
 def test_cached_text_encoder_outputs_train_as_encoding_every_step_does(base, sd15, demo_source, tmp_path):
-    # Caption dropout (the empty caption), shuffled tags (texts the plan does not name) and embedding
-    # perturbation (drawn after the cache, from the batch's generator) all act.
+    # Caption dropout (the empty caption) and embedding perturbation (drawn after the cache, from the
+    # batch's generator) both act.
     project, plan = sd15 if base == "tiny-sd15" else prepared(tmp_path / "xl", demo_source, base)
-    settings = {"max_train_steps": 4, "learning_rate": 1e-3, "cond_dropout": 0.3, "shuffle_tags": True, "embedding_perturbation": 0.1}
+    settings = {"max_train_steps": 4, "learning_rate": 1e-3, "cond_dropout": 0.3, "embedding_perturbation": 0.1}
     plain = run(params_for(base, **settings), train_paths(project, plan, tmp_path / "a"))
     cached = run(params_for(base, **settings, cache_text_encoder_outputs=True), train_paths(project, plan, tmp_path / "b"))
     assert cached.losses == pytest.approx(plain.losses, rel=1e-5)
@@ -99,6 +99,21 @@ def test_a_loras_frozen_base_is_kept_in_the_compute_dtype(sd15, tmp_path, monkey
     assert (tmp_path / "b/kiln/samples/step-00000003.png").is_file()
     assert train.frozen_weight_dtype(params_for("tiny-sd15", mode="full", mixed_precision="bf16").train) is None
     assert train.frozen_weight_dtype(params_for("tiny-sd15", mixed_precision="fp16").train) == torch.float16
+
+
+def test_cached_text_encoder_outputs_resume_exactly(sd15, tmp_path):
+    from pipeline.train import Interrupted
+    from tests.conftest import sigterm_during_step
+
+    project, plan = sd15
+    settings = params_for("tiny-sd15", max_train_steps=6, learning_rate=1e-3, cond_dropout=0.3, cache_text_encoder_outputs=True)
+    straight = run(settings, train_paths(project, plan, tmp_path / "a"))
+    with sigterm_during_step(3), pytest.raises(Interrupted):
+        run(settings, train_paths(project, plan, tmp_path / "b"))
+    resumed = run(settings, train_paths(project, plan, tmp_path / "b"))
+    assert resumed.losses == straight.losses
+    a, b = load_file(str(straight.output)), load_file(str(resumed.output))
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 def test_tf32_follows_allow_tf32():

@@ -156,12 +156,14 @@ def perturb(hidden_states: torch.Tensor, perturbation: float, generator: torch.G
 def text_embeddings(
     components: SDComponents, captions: list[str], device: Any, clip_skip: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """encode_text without the perturbation: a function of each caption alone (what TextEmbeddingCache keeps)."""
+    """encode_text without the perturbation: a function of each caption alone (what TextEmbeddingCache keeps).
+    Each encoder runs where it is (the trainer moves them off the GPU once their outputs are cached); the
+    embeddings are returned on `device`."""
     states, pooled = [], None
     for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
         length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
         ids = tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-        ids = ids.to(device)
+        ids = ids.to(encoder.device)
         if components.family == "sdxl":
             output = encoder(ids, output_hidden_states=True)
             states.append(output.hidden_states[-(clip_skip + 1)])
@@ -178,7 +180,7 @@ def text_embeddings(
         if empty.any():
             hidden_states = torch.where(empty.view(-1, 1, 1), torch.zeros_like(hidden_states), hidden_states)
             pooled = torch.where(empty.view(-1, 1), torch.zeros_like(pooled), pooled)
-    return hidden_states, pooled
+    return hidden_states.to(device), pooled.to(device) if pooled is not None else None
 
 
 class TextEmbeddingCache:
@@ -208,9 +210,7 @@ class TextEmbeddingCache:
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
             with torch.no_grad():
-                states, pooled = text_embeddings(self.components, chunk, self.device, self.clip_skip)
-            states = states.cpu()
-            pooled = pooled.cpu() if pooled is not None else None
+                states, pooled = text_embeddings(self.components, chunk, "cpu", self.clip_skip)
             for index, caption in enumerate(chunk):
                 self.rows[caption] = (states[index], pooled[index] if pooled is not None else None)
         return len(missing)

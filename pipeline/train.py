@@ -354,6 +354,11 @@ def run(params: Params, paths: TrainPaths, resume: str | None = None) -> TrainRe
         text_cache = TextEmbeddingCache(components, accelerator.device, cfg.clip_skip)
         encoded = text_cache.warm(sorted({row["caption"] for row in plan} | {""}))
         log.info("text encoder outputs: %d captions encoded once and kept (train.cache_text_encoder_outputs)", encoded)
+        if accelerator.device.type == "cuda" and not any(row["shuffle_tags"] for row in plan):
+            # Every text a step can ask for is held (no image shuffles its tags): the encoders leave the GPU
+            # (SDXL's take 1.6 GB in bf16); a sample prompt is encoded on the CPU.
+            for encoder in components.text_encoders:
+                encoder.to("cpu")
     step = TrainingStep(unet, components, objective, cfg, accelerator.device, accelerator.backward, text_cache)
 
     # --- validation: held-out images, fixed noise and timesteps (a local store only) -------------

@@ -144,13 +144,16 @@ def test_a_compiled_unet_trains_as_the_eager_one(sd15, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("base", ["tiny-sd15", "tiny-sdxl"])
 def test_one_gpu_step_with_and_without_the_fast_paths(base, sd15, demo_source, tmp_path, fresh_accelerate_state):
-    # bf16 mixed precision on the GPU; the fast paths (cached text embeddings, a compiled UNet, the frozen
-    # base in bf16) change the first step's loss only within bf16's precision.
+    # bf16 mixed precision on the GPU; the fast paths (cached text embeddings with the encoders moved off
+    # the GPU, a compiled UNet, the frozen base in bf16) change the first step's loss only within bf16's
+    # precision, and samples are still drawn (their prompts encoded on the CPU).
     project, plan = sd15 if base == "tiny-sd15" else prepared(tmp_path / "xl", demo_source, base)
-    settings = {"max_train_steps": 1, "mixed_precision": "bf16"}
+    prompts = [{"prompt": "a sks circle", "seed": 1, "steps": 2, "width": 64, "height": 64}]
+    settings = {"max_train_steps": 1, "mixed_precision": "bf16", "sample_prompts": prompts, "sample_every_n_steps": 1}
     plain = run(params_for(base, **settings, allow_tf32=False), train_paths(project, plan, tmp_path / "a"))
     fast = run(params_for(base, **settings, cache_text_encoder_outputs=True, compile_unet=True), train_paths(project, plan, tmp_path / "b"))
     assert fast.losses == pytest.approx(plain.losses, rel=2e-2)
+    assert (tmp_path / "b/kiln/samples/step-00000001.png").is_file()
 
 
 def test_sdxl_lora_smoke(demo_source, tmp_path):
